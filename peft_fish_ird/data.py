@@ -1,0 +1,140 @@
+"""Turn what users have (a ``datasets.Dataset``, a list of tokenized examples, or a DataLoader)
+into the collated batches of the Fisher pass, drawing ``num_samples`` examples with a seed."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+logger = logging.getLogger(__name__)
+LABEL_KEYS = ("labels", "label", "label_ids")
+
+
+@dataclass
+class FisherBatches:
+    """Collated batches and, per sample in feed order, its index in the user's data."""
+
+    batches: list[dict[str, Any]]
+    sample_indices: list[int]
+
+
+def accepted_input_names(model: nn.Module) -> Optional[set[str]]:
+    """Argument names of the underlying model's ``forward`` (None if it takes ``**kwargs`` only)."""
+    base = model
+    while hasattr(base, "get_base_model") and base.get_base_model() is not base:
+        base = base.get_base_model()
+    params = inspect.signature(base.forward).parameters
+    names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names or None
+
+
+def _keep_model_columns(example: Mapping[str, Any], accepted: Optional[set[str]]) -> dict[str, Any]:
+    if accepted is None:
+        return dict(example)
+    return {k: v for k, v in example.items() if k in accepted or k in LABEL_KEYS}
+
+
+def _normalise_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
+    batch = dict(batch)
+    for key in ("label", "label_ids"):
+        if key in batch and "labels" not in batch:
+            batch["labels"] = batch.pop(key)
+    return batch
+
+
+def draw_indices(num_available: int, num_samples: int, seed: int) -> list[int]:
+    """``num_samples`` distinct indices drawn uniformly with ``seed`` (all, in random order, if fewer)."""
+    if num_available == 0:
+        raise ValueError("The data passed to `prepare` is empty; pass the training examples.")
+    if num_samples > num_available:
+        logger.warning(
+            "num_samples=%d but only %d examples were passed: the Fisher uses all %d.",
+            num_samples,
+            num_available,
+            num_available,
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_available, generator=generator)[:num_samples].tolist()
+
+
+def fisher_batches(
+    data: Any,
+    *,
+    model: nn.Module,
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    data_collator: Optional[Callable[[list[dict[str, Any]]], dict[str, Any]]] = None,
+) -> FisherBatches:
+    """Collated batches of ``num_samples`` examples drawn from ``data`` with ``seed``.
+
+    * ``datasets.Dataset`` or a sequence of dicts: a seeded random draw, collated with
+      ``data_collator`` (default: ``transformers.default_data_collator``, which needs equal lengths;
+      pass ``DataCollatorWithPadding(tokenizer)`` for variable-length text). Columns the model does not
+      accept (e.g. raw ``text``) are dropped, as HF Trainer does.
+    * ``DataLoader``: its batches in its own order until ``num_samples`` are reached (shuffle and
+      collation are the loader's); the last batch is cut to size.
+    """
+    if isinstance(data, DataLoader):
+        return _from_loader(data, num_samples)
+    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) and not hasattr(data, "__getitem__"):
+        raise TypeError(
+            f"`prepare` got {type(data).__name__}: pass a datasets.Dataset, a list of tokenized examples "
+            "(dicts) with a data_collator, or a torch DataLoader."
+        )
+    if data_collator is None:
+        from transformers import default_data_collator
+
+        data_collator = default_data_collator
+    accepted = accepted_input_names(model)
+    indices = draw_indices(len(data), num_samples, seed)
+    batches = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        examples = [_keep_model_columns(_example(data, i), accepted) for i in chunk]
+        try:
+            batch = data_collator(examples)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"The data_collator failed on the Fisher examples ({err}). For variable-length tokenized text pass "
+                "`data_collator=DataCollatorWithPadding(tokenizer)`."
+            ) from err
+        batches.append(_normalise_labels(batch))
+    return FisherBatches(batches, indices)
+
+
+def _example(data: Any, index: int) -> Mapping[str, Any]:
+    example = data[index]
+    if not isinstance(example, Mapping):
+        raise TypeError(f"Example {index} is a {type(example).__name__}, not a dict of model inputs.")
+    return example
+
+
+def _from_loader(loader: DataLoader, num_samples: int) -> FisherBatches:
+    batches, seen = [], 0
+    for batch in loader:
+        batch = _normalise_labels(batch)
+        size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        take = min(size, num_samples - seen)
+        if take < size:
+            batch = {k: (v[:take] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        batches.append(batch)
+        seen += take
+        if seen >= num_samples:
+            break
+    if seen == 0:
+        raise ValueError("The DataLoader passed to `prepare` yielded no batches.")
+    if seen < num_samples:
+        logger.warning("num_samples=%d but the DataLoader yielded %d examples: the Fisher uses %d.", num_samples, seen, seen)
+    return FisherBatches(batches, list(range(seen)))
+
+
+def move_to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

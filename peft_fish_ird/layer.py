@@ -1,0 +1,249 @@
+"""Sparse-delta tuner layer: per targeted module, indices into each flattened parameter and a
+trainable float32 values vector. The effective parameter is ``W0.flatten().index_add(idx, values)``.
+
+The layer never knows how its entries were chosen (that is ``selection.py`` / ``model.py``).
+Base tensors are never written by training; ``merge`` writes them and ``unmerge`` restores the
+overwritten entries bit for bit from a backup taken at merge time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.LayerNorm, Conv1D)
+PARAM_NAMES = ("weight", "bias")
+
+
+class UnpreparedAdapterError(RuntimeError):
+    """Raised when a FishIRD adapter is trained or saved before ``prepare`` chose its mask."""
+
+
+def unprepared_message(adapter_name: str) -> str:
+    return (
+        f"FishIRD adapter {adapter_name!r} has no sparse mask yet. Call "
+        f"`peft_model.prepare(train_dataset, data_collator=collator)` after `get_peft_model` and before "
+        "building the optimizer / Trainer, or load a saved adapter with `PeftModel.from_pretrained`."
+    )
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_LAYER_TYPES)
+
+
+class FishIRDLayer(BaseTunerLayer):
+    """State and bookkeeping of the sparse delta (PEFT's tuner-layer contract)."""
+
+    adapter_layer_names = ("fishird_weight_values", "fishird_bias_values")
+    other_param_names = ("fishird_weight_indices", "fishird_bias_indices", "fishird_prepared")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.fishird_weight_values = nn.ParameterDict({})
+        self.fishird_bias_values = nn.ParameterDict({})
+        self.fishird_weight_indices = BufferDict({}, persistent=True)
+        self.fishird_bias_indices = BufferDict({}, persistent=True)
+        self.fishird_prepared: dict[str, bool] = {}
+        self._merge_backups: dict[str, dict[str, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------- structure
+    def base_param_names(self) -> tuple[str, ...]:
+        """Names of the base layer's parameters that can hold entries (``weight``, maybe ``bias``)."""
+        base = self.get_base_layer()
+        return tuple(n for n in PARAM_NAMES if getattr(base, n, None) is not None)
+
+    def values(self, param_name: str) -> nn.ParameterDict:
+        return getattr(self, f"fishird_{param_name}_values")
+
+    def indices(self, param_name: str) -> BufferDict:
+        return getattr(self, f"fishird_{param_name}_indices")
+
+    def num_entries(self, adapter_name: str) -> int:
+        return sum(int(self.indices(p)[adapter_name].numel()) for p in self.base_param_names())
+
+    def update_layer(self, adapter_name: str, inference_mode: bool = False, **kwargs: Any) -> None:
+        """Add ``adapter_name`` with no entries yet (``prepare`` or a checkpoint fills them)."""
+        base = self.get_base_layer()
+        for name in self.base_param_names():
+            device = getattr(base, name).device
+            self.values(name)[adapter_name] = nn.Parameter(torch.zeros(0, dtype=torch.float32, device=device))
+            self.indices(name)[adapter_name] = torch.zeros(0, dtype=torch.int64, device=device)
+        self.fishird_prepared[adapter_name] = False
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def set_entries(self, adapter_name: str, param_name: str, indices: torch.Tensor) -> None:
+        """Give ``adapter_name`` the entries ``indices`` (into the flattened parameter) with zero deltas.
+
+        Creates a new values Parameter, so an optimizer built before this call does not see it.
+        """
+        base_param = getattr(self.get_base_layer(), param_name)
+        indices = _checked_indices(indices, base_param.numel(), f"{param_name} of {type(self.get_base_layer())}")
+        old = self.values(param_name)[adapter_name]
+        self.indices(param_name)[adapter_name] = indices.to(base_param.device)
+        self.values(param_name)[adapter_name] = nn.Parameter(
+            torch.zeros(indices.numel(), dtype=torch.float32, device=base_param.device),
+            requires_grad=old.requires_grad,
+        )
+
+    def _resize_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        """Load-state-dict pre-hook: resize placeholders to the checkpoint's entry counts and validate them.
+
+        Entry counts are decided by ``prepare``, after the layer was built, so a fresh model's
+        placeholders are empty; without this hook ``load_state_dict`` fails with a size mismatch.
+        """
+        for adapter_name in list(self.fishird_prepared):
+            for name in self.base_param_names():
+                key_i = f"{prefix}fishird_{name}_indices.{adapter_name}"
+                key_v = f"{prefix}fishird_{name}_values.{adapter_name}"
+                if key_i not in state_dict or key_v not in state_dict:
+                    continue
+                idx, vals = state_dict[key_i], state_dict[key_v]
+                where = f"{prefix.rstrip('.')}.{name}"
+                numel = getattr(self.get_base_layer(), name).numel()
+                if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1 or vals.shape != idx.shape:
+                    raise ValueError(
+                        f"Checkpoint entries for {where} are malformed (indices {tuple(idx.shape)} {idx.dtype}, "
+                        f"values {tuple(vals.shape)}): the adapter file is corrupt or not a FishIRD adapter."
+                    )
+                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                    raise ValueError(
+                        f"Checkpoint entry indices for {where} reach {int(idx.max())}, but this base model's "
+                        f"parameter has only {numel} entries: the adapter was trained on a base model with "
+                        "different shapes. Load it onto the base model it was trained with."
+                    )
+                if self.values(name)[adapter_name].shape != vals.shape:
+                    self.set_entries(adapter_name, name, idx.to(torch.int64))
+                self.fishird_prepared[adapter_name] = True
+
+    # ----------------------------------------------------------------- delta
+    def get_delta_weight(self, adapter: str, param_name: str = "weight") -> torch.Tensor:
+        """Dense delta of one parameter (shape of the base parameter, its dtype)."""
+        base_param = getattr(self.get_base_layer(), param_name)
+        delta = torch.zeros(base_param.numel(), dtype=base_param.dtype, device=base_param.device)
+        idx = self.indices(param_name)[adapter]
+        delta.index_add_(0, idx, self.values(param_name)[adapter].to(base_param.dtype))
+        return delta.view_as(base_param)
+
+    def effective_param(self, param_name: str, adapter_names: list[str]) -> torch.Tensor:
+        """``W0 + sum of the adapters' sparse deltas``, differentiable w.r.t. the values only."""
+        base_param = getattr(self.get_base_layer(), param_name)
+        flat = base_param.reshape(-1)
+        for name in adapter_names:
+            idx = self.indices(param_name)[name]
+            if idx.numel():
+                flat = flat.index_add(0, idx, self.values(param_name)[name].to(base_param.dtype))
+        return flat.view_as(base_param)
+
+    # ----------------------------------------------------------------- merge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the adapters' deltas into the base tensors (``safe_merge`` checks for NaN/inf first)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.fishird_prepared:
+                continue
+            backups = {}
+            for name in self.base_param_names():
+                base_param = getattr(self.get_base_layer(), name)
+                idx = self.indices(name)[adapter]
+                flat = base_param.data.view(-1)
+                new_vals = flat[idx] + self.values(name)[adapter].detach().to(base_param.dtype)
+                if safe_merge and not torch.isfinite(new_vals).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                backups[name] = flat[idx].clone()
+                flat[idx] = new_vals
+            self._merge_backups[adapter] = backups
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Undo ``merge``: restore the overwritten base entries exactly (not by subtraction)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            backups = self._merge_backups.pop(adapter, {})
+            for name, backup in backups.items():
+                flat = getattr(self.get_base_layer(), name).data.view(-1)
+                flat[self.indices(name)[adapter]] = backup
+
+
+class FishIRDModule(nn.Module, FishIRDLayer):
+    """A supported module (Linear, Embedding, LayerNorm, Conv1D) with sparse deltas on its parameters."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, inference_mode: bool = False, **kwargs: Any):
+        super().__init__()
+        FishIRDLayer.__init__(self, base_layer, **kwargs)
+        if not is_supported_layer(base_layer):
+            raise TypeError(
+                f"FishIRD cannot target {type(base_layer).__name__}: supported module types are "
+                f"{[t.__name__ for t in SUPPORTED_LAYER_TYPES]}. Remove it from `target_modules`."
+            )
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, inference_mode=inference_mode)
+        self.register_load_state_dict_pre_hook(_resize_pre_hook)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.fishird_prepared]
+        if self.training and torch.is_grad_enabled():
+            for adapter in active:
+                if not self.fishird_prepared[adapter]:
+                    raise UnpreparedAdapterError(unprepared_message(adapter))
+        active = [a for a in active if self.num_entries(a)]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        params = {name: self.effective_param(name, active) for name in self.base_param_names()}
+        return functional_forward(self.base_layer, x, params.get("weight"), params.get("bias"))
+
+    def __repr__(self) -> str:
+        return "fishird." + super().__repr__()
+
+
+def functional_forward(
+    base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Run ``base``'s computation with ``weight`` / ``bias`` in place of its own parameters."""
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(base, nn.Embedding):
+        return F.embedding(
+            x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+    if isinstance(base, nn.LayerNorm):
+        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+    if isinstance(base, Conv1D):
+        out_shape = x.shape[:-1] + (base.nf,)
+        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(out_shape)
+    raise TypeError(f"No functional forward for {type(base).__name__}.")
+
+
+def _resize_pre_hook(module: FishIRDModule, state_dict: dict, prefix: str, *args: Any) -> None:
+    module._resize_from_state_dict(state_dict, prefix)
+
+
+def _checked_indices(indices: torch.Tensor, numel: int, where: str) -> torch.Tensor:
+    """Validate entry indices: 1-D, integer, strictly increasing, inside ``[0, numel)``."""
+    if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"Entry indices for {where} must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}.")
+    indices = indices.to(torch.int64)
+    if indices.numel():
+        if int(indices.min()) < 0 or int(indices.max()) >= numel:
+            raise ValueError(f"Entry indices for {where} must lie in [0, {numel}); got [{int(indices.min())}, {int(indices.max())}].")
+        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise ValueError(f"Entry indices for {where} must be strictly increasing (sorted, no duplicates).")
+    return indices

@@ -1,0 +1,86 @@
+"""Shared tiny cases: random-weight BERT and GPT-2 sequence classifiers, padded batches."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+)
+
+import peft_fish_ird  # noqa: E402,F401  (registers the method)
+
+VOCAB = 97
+PAD = 0
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        pad_token_id=PAD,
+        attn_implementation="eager",
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, num_labels: int = 2) -> GPT2ForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        num_labels=num_labels,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=1,
+        attn_implementation="eager",
+    )
+    return GPT2ForSequenceClassification(cfg).eval()
+
+
+def make_examples(n: int, seed: int = 0, min_len: int = 3, max_len: int = 12, num_labels: int = 2) -> list[dict]:
+    """Tokenized examples of varying length (ids never equal PAD), with labels."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(1, VOCAB, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * length, "labels": int(torch.randint(0, num_labels, (1,), generator=g))})
+    return out
+
+
+def pad_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-pads to the longest example (what DataCollatorWithPadding does)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[i, : len(e["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["labels"] for e in examples])}
+
+
+def batches_of(examples: list[dict], size: int) -> list[dict[str, torch.Tensor]]:
+    return [pad_collate(examples[i : i + size]) for i in range(0, len(examples), size)]
+
+
+@pytest.fixture
+def examples() -> list[dict]:
+    return make_examples(24)
