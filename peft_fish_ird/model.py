@@ -173,7 +173,7 @@ class FishIRDModel(BaseTuner):
         device = next(self.model.parameters()).device
         batches = [move_to(b, device) for b in data.batches]
         targets = {name: layer.get_base_layer() for name, layer in layers.items()}
-        with adapters_disabled(layers.values()):
+        with adapters_disabled([*layers.values(), *self._head_wrappers()]):
             result = compute_fisher(
                 self.model, batches, targets, config.fisher, progress=progress, total=len(batches), desc="FISH Fisher"
             )
@@ -223,6 +223,9 @@ class FishIRDModel(BaseTuner):
                 "overwrite=True to select a new mask anyway, or add a new adapter with `add_adapter`."
             )
 
+    def _head_wrappers(self) -> list[ModulesToSaveWrapper]:
+        return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
     @staticmethod
     def _fill(adapter: str, layers: dict[str, FishIRDLayer], masks: dict[str, torch.Tensor]) -> None:
         for key, indices in masks.items():
@@ -234,7 +237,7 @@ class FishIRDModel(BaseTuner):
 
 @contextlib.contextmanager
 def adapters_disabled(layers: Any) -> Iterator[None]:
-    """Run the base model through the wrapped modules (their base layers' hooks then fire)."""
+    """Run the pretrained model: sparse deltas and trained head copies off (base layers' hooks fire)."""
     layers = list(layers)
     previous = [layer._disable_adapters for layer in layers]
     try:

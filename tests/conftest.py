@@ -84,3 +84,30 @@ def batches_of(examples: list[dict], size: int) -> list[dict[str, torch.Tensor]]
 @pytest.fixture
 def examples() -> list[dict]:
     return make_examples(24)
+
+
+def fish_config(**overrides):
+    """A FishIRDConfig for the tiny models: 5% budget, few samples."""
+    from peft_fish_ird import FishIRDConfig
+
+    kwargs = dict(task_type="SEQ_CLS", keep_ratio=0.05, num_samples=16, fisher_batch_size=4)
+    kwargs.update(overrides)
+    return FishIRDConfig(**kwargs)
+
+
+def prepared_tiny_bert(seed: int = 0, **config_overrides):
+    """A tiny BERT wrapped by get_peft_model and prepared on 24 examples."""
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_bert(seed), fish_config(**config_overrides))
+    model.prepare(make_examples(24), data_collator=pad_collate, progress=False)
+    return model
+
+
+def randomize_values(peft_model, scale: float = 0.1, seed: int = 1) -> None:
+    """Give every values vector non-zero entries (as if trained)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "fishird_" in name and p.numel():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)

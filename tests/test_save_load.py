@@ -1,0 +1,100 @@
+"""save_pretrained / PeftModel.from_pretrained round trips; bad bases fail clearly."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from conftest import make_examples, pad_collate, prepared_tiny_bert, randomize_values, tiny_bert
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = prepared_tiny_bert()
+    randomize_values(model)
+    model.save_pretrained(tmp_path)
+    batch = pad_collate(make_examples(5, seed=11))
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.save({"batch": batch, "logits": logits}, tmp_path / "expected.pt")
+    return tmp_path, model
+
+
+def test_saved_folder_holds_config_weights_and_model_card(saved):
+    path, model = saved
+    assert {p.name for p in path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "FISH_IRD"
+    assert config["selection_record"]["k"] == model.selection.k
+
+
+def test_saved_tensors_are_indices_and_values_of_size_k(saved):
+    path, model = saved
+    tensors = load_file(path / "adapter_model.safetensors")
+    values = sum(t.numel() for k, t in tensors.items() if "_values" in k)
+    indices = [t for k, t in tensors.items() if "_indices" in k]
+    assert values == model.selection.k == sum(t.numel() for t in indices)
+    assert all(t.dtype == torch.int64 for t in indices)
+    head = sum(t.numel() for k, t in tensors.items() if "classifier" in k)
+    assert head == model.selection.head_params
+    assert not any("base_layer" in k for k in tensors)
+
+
+def test_fresh_process_load_gives_identical_logits(saved):
+    path, _ = saved
+    code = f"""
+        import sys, torch; sys.path.insert(0, "tests")
+        import peft_fish_ird
+        from peft import PeftModel
+        from conftest import tiny_bert
+        expected = torch.load({str(path / "expected.pt")!r})
+        model = PeftModel.from_pretrained(tiny_bert(), {str(path)!r})
+        with torch.no_grad():
+            logits = model(**expected["batch"]).logits
+        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        assert model.selection.k == model.peft_config["default"].selection_record["k"]
+        print("identical")
+        """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "identical" in done.stdout
+
+
+def test_loaded_adapter_can_keep_training(saved):
+    path, _ = saved
+    model = PeftModel.from_pretrained(tiny_bert(), path, is_trainable=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("fishird_" in n for n in trainable)
+    model.train()
+    out = model(**pad_collate(make_examples(4)))
+    out.loss.backward()
+
+
+def test_loading_onto_a_base_with_other_shapes_fails_clearly(saved):
+    path, _ = saved
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    other = BertForSequenceClassification(cfg)
+    with pytest.raises(ValueError, match="base model it was trained with"):
+        PeftModel.from_pretrained(other, path)
+
+
+def test_corrupt_indices_fail_clearly(saved, tmp_path_factory):
+    path, _ = saved
+    from safetensors.torch import save_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k, t in tensors.items() if "_indices" in k and t.numel())
+    tensors[key] = tensors[key].clone()
+    tensors[key][-1] = 10**9
+    save_file(tensors, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="different shapes"):
+        PeftModel.from_pretrained(tiny_bert(), path)
