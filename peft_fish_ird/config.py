@@ -11,6 +11,9 @@ from ._registration import FishIRDPeftType
 
 FISHER_TYPES = ("empirical", "expected")
 BUDGET_TYPES = ("global", "per_module")
+SELECTION_TYPES = ("fish", "ird", "ird_reverse", "ird_random", "random")
+IRD_SELECTIONS = ("ird", "ird_reverse", "ird_random")
+EVAL_METRICS = ("loss", "accuracy")
 
 
 @dataclass
@@ -104,6 +107,54 @@ class FishIRDConfig(PeftConfig):
             )
         },
     )
+    selection: Literal["fish", "ird", "ird_reverse", "ird_random", "random"] = field(
+        default="fish",
+        metadata={
+            "help": (
+                "How `prepare` picks the mask. 'fish': global top-k Fisher over `num_samples` random samples "
+                "(FISH Mask). 'ird': Iterative Range Decreasing - shrink the sample range and the parameter "
+                "range toward higher Fisher information, score each round's candidate, keep the best. Controls: "
+                "'ird_reverse' (shrinks toward the LOWEST Fisher), 'ird_random' (halves the sample range at "
+                "random), 'random' (a uniformly random mask of the same size)."
+            )
+        },
+    )
+    ird_shrink: float = field(
+        default=0.5,
+        metadata={"help": "IRD: share of the sample range and of the parameter range kept each round (0 < x < 1)."},
+    )
+    ird_rounds: Optional[int] = field(
+        default=None,
+        metadata={"help": "IRD: maximum number of rounds (None: until `ird_min_samples` or the range reaches k)."},
+    )
+    ird_min_samples: int = field(
+        default=32,
+        metadata={"help": "IRD: stop before the sample range would hold fewer than this many samples."},
+    )
+    ird_selection_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": (
+                "IRD: share of the `prepare` data held out (never used for Fisher or the evaluator's training) to "
+                "score candidates with the built-in evaluator, when no `selection_dataset` is passed. Never pass "
+                "your test set as selection data."
+            )
+        },
+    )
+    ird_eval_steps: int = field(
+        default=50,
+        metadata={"help": "IRD built-in evaluator: optimizer steps of the short masked fine-tune per candidate."},
+    )
+    ird_eval_batch_size: int = field(
+        default=16, metadata={"help": "IRD built-in evaluator: batch size of its fine-tune and scoring."}
+    )
+    ird_eval_lr: float = field(
+        default=1e-3, metadata={"help": "IRD built-in evaluator: AdamW learning rate of the short fine-tune."}
+    )
+    ird_eval_metric: Literal["loss", "accuracy"] = field(
+        default="loss",
+        metadata={"help": "IRD built-in evaluator: 'loss' (minus mean loss) or 'accuracy' on the selection split."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed for drawing the Fisher samples; same seed and data give the same mask."})
     selection_record: Optional[dict[str, Any]] = field(
         default=None,
@@ -151,6 +202,22 @@ class FishIRDConfig(PeftConfig):
             raise ValueError(f"fisher={self.fisher!r} is not supported: choose one of {FISHER_TYPES}.")
         if self.budget not in BUDGET_TYPES:
             raise ValueError(f"budget={self.budget!r} is not supported: choose one of {BUDGET_TYPES}.")
+        if self.selection not in SELECTION_TYPES:
+            raise ValueError(f"selection={self.selection!r} is not supported: choose one of {SELECTION_TYPES}.")
+        _check_fraction("ird_shrink", self.ird_shrink, "e.g. 0.5 to halve the ranges each round")
+        _check_fraction("ird_selection_fraction", self.ird_selection_fraction, "e.g. 0.1")
+        for name in ("ird_min_samples", "ird_eval_steps", "ird_eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: pass a positive int.")
+        if self.ird_rounds is not None and (
+            isinstance(self.ird_rounds, bool) or not isinstance(self.ird_rounds, int) or self.ird_rounds < 1
+        ):
+            raise ValueError(f"ird_rounds={self.ird_rounds!r} is invalid: pass a positive int or None.")
+        if isinstance(self.ird_eval_lr, bool) or not isinstance(self.ird_eval_lr, (int, float)) or self.ird_eval_lr <= 0:
+            raise ValueError(f"ird_eval_lr={self.ird_eval_lr!r} is invalid: pass a positive learning rate, e.g. 1e-3.")
+        if self.ird_eval_metric not in EVAL_METRICS:
+            raise ValueError(f"ird_eval_metric={self.ird_eval_metric!r} is not supported: choose one of {EVAL_METRICS}.")
         if not isinstance(self.head_in_budget, bool):
             raise TypeError(f"head_in_budget must be True or False, got {self.head_in_budget!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -162,3 +229,8 @@ class FishIRDConfig(PeftConfig):
             )
         if self.selection_record is not None and not isinstance(self.selection_record, dict):
             raise TypeError("selection_record is written by `prepare`; leave it as None.")
+
+
+def _check_fraction(name: str, value: object, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name}={value!r} is out of range: it must be strictly between 0 and 1, {example}.")

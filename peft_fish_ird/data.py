@@ -60,8 +60,13 @@ def draw_indices(num_available: int, num_samples: int, seed: int) -> list[int]:
             num_available,
             num_available,
         )
+    return seeded_permutation(num_available, seed)[:num_samples]
+
+
+def seeded_permutation(n: int, seed: int) -> list[int]:
+    """The permutation of ``range(n)`` that every draw with ``seed`` starts from."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_available, generator=generator)[:num_samples].tolist()
+    return torch.randperm(n, generator=generator).tolist()
 
 
 def fisher_batches(
@@ -84,21 +89,42 @@ def fisher_batches(
     """
     if isinstance(data, DataLoader):
         return _from_loader(data, num_samples)
-    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) and not hasattr(data, "__getitem__"):
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise TypeError(
             f"`prepare` got {type(data).__name__}: pass a datasets.Dataset, a list of tokenized examples "
             "(dicts) with a data_collator, or a torch DataLoader."
         )
+    indices = draw_indices(len(data), num_samples, seed)
+    return FisherBatches(collate_indices(data, indices, model=model, batch_size=batch_size, data_collator=data_collator), indices)
+
+
+def require_indexable(data: Any, why: str) -> None:
+    """Raise unless ``data`` supports ``len`` and integer indexing (a Dataset or a list)."""
+    if isinstance(data, DataLoader) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise TypeError(
+            f"{why} needs indexable data (a datasets.Dataset or a list of tokenized examples), got "
+            f"{type(data).__name__}. Pass the dataset itself with `data_collator=` instead of a DataLoader."
+        )
+
+
+def collate_indices(
+    data: Any,
+    indices: Sequence[int],
+    *,
+    model: nn.Module,
+    batch_size: int,
+    data_collator: Optional[Callable[[list[dict[str, Any]]], dict[str, Any]]] = None,
+) -> list[dict[str, Any]]:
+    """Collate ``data[i]`` for ``i`` in ``indices`` (in that order) into batches of ``batch_size``."""
     if data_collator is None:
         from transformers import default_data_collator
 
         data_collator = default_data_collator
     accepted = accepted_input_names(model)
-    indices = draw_indices(len(data), num_samples, seed)
     batches = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
-        examples = [_keep_model_columns(_example(data, i), accepted) for i in chunk]
+        examples = [_keep_model_columns(_example(data, int(i)), accepted) for i in chunk]
         try:
             batch = data_collator(examples)
         except (ValueError, TypeError) as err:
@@ -107,7 +133,7 @@ def fisher_batches(
                 "`data_collator=DataCollatorWithPadding(tokenizer)`."
             ) from err
         batches.append(_normalise_labels(batch))
-    return FisherBatches(batches, indices)
+    return batches
 
 
 def _example(data: Any, index: int) -> Mapping[str, Any]:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -21,11 +22,14 @@ from torch import nn
 
 from . import __version__
 from .config import FishIRDConfig
-from .data import fisher_batches, move_to
-from .fisher import FisherResult, compute_fisher
+from .config import IRD_SELECTIONS
+from .data import collate_indices, fisher_batches, move_to, require_indexable, seeded_permutation
+from .evaluation import MaskedFineTuneScorer, isolated_candidate
+from .fisher import compute_fisher
+from .ird import IRDRound, IRDSettings, iterative_range_decreasing, schedule
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
 from .record import SelectionRecord
-from .selection import select, sparse_budget
+from .selection import random_mask, select, sparse_budget
 
 logger = logging.getLogger(__name__)
 
@@ -134,27 +138,38 @@ class FishIRDModel(BaseTuner):
         train_dataset: Any,
         data_collator: Optional[Callable[[list[dict[str, Any]]], dict[str, Any]]] = None,
         *,
+        selection_dataset: Any = None,
+        evaluator: Optional[Callable[[nn.Module], float]] = None,
         adapter_name: Optional[str] = None,
         batch_size: Optional[int] = None,
         progress: bool = True,
         overwrite: bool = False,
     ) -> SelectionRecord:
-        """Compute the Fisher information and fill the adapter's sparse mask (FISH Mask).
+        """Choose the adapter's sparse mask (``config.selection``) and fill its layers.
 
-        Draws ``num_samples`` examples from ``train_dataset`` with ``seed``, computes the exact
-        diagonal Fisher of every targeted parameter at the pretrained weights (adapters disabled),
-        keeps the top-k entries (``keep_ratio`` of all parameters, minus the head if
-        ``head_in_budget``) and records the selection in the adapter config.
+        * ``"fish"``: draws ``num_samples`` examples with ``seed``, computes the exact diagonal
+          Fisher of every targeted parameter at the pretrained weights and keeps the top-k entries
+          (``keep_ratio`` of all parameters, minus the head if ``head_in_budget``).
+        * ``"ird"`` / ``"ird_reverse"`` / ``"ird_random"``: the IRD search (``ird.py``); each
+          round's candidate is scored by ``evaluator`` or by the built-in short masked fine-tune
+          on a held-out selection split, and the best is kept.
+        * ``"random"``: a uniformly random mask of the same size.
 
         Call it after ``get_peft_model`` and before building the optimizer or Trainer: it creates
         the trainable values tensors.
 
         Args:
-            train_dataset: ``datasets.Dataset``, list of tokenized examples, or a ``DataLoader``.
+            train_dataset: ``datasets.Dataset`` or list of tokenized examples (IRD needs these);
+                a ``DataLoader`` also works for ``"fish"`` and ``"random"``.
             data_collator: collates examples (e.g. ``DataCollatorWithPadding(tokenizer)``).
+            selection_dataset: IRD: examples the built-in evaluator scores candidates on (default:
+                ``ird_selection_fraction`` of ``train_dataset``, held out). Never your test set.
+            evaluator: IRD: ``evaluator(model) -> float``, higher is better; ``model`` is this tuner
+                (callable like the base model) holding the candidate mask with zero values. It may
+                train; the model is restored after each call.
             adapter_name: adapter to prepare (default: the active one).
             batch_size: Fisher batch size (default: ``config.fisher_batch_size``).
-            progress: show a progress bar.
+            progress: show progress bars.
             overwrite: allow replacing a mask whose values were already trained.
         """
         start = time.perf_counter()
@@ -162,27 +177,23 @@ class FishIRDModel(BaseTuner):
         config: FishIRDConfig = self.peft_config[adapter]
         layers = self.fishird_layers(adapter)
         self._check_can_prepare(adapter, layers, overwrite)
-        data = fisher_batches(
-            train_dataset,
-            model=self.model,
-            num_samples=config.num_samples,
-            seed=config.seed,
-            batch_size=batch_size or config.fisher_batch_size,
-            data_collator=data_collator,
-        )
-        device = next(self.model.parameters()).device
-        batches = [move_to(b, device) for b in data.batches]
-        targets = {name: layer.get_base_layer() for name, layer in layers.items()}
-        with adapters_disabled([*layers.values(), *self._head_wrappers()]):
-            result = compute_fisher(
-                self.model, batches, targets, config.fisher, progress=progress, total=len(batches), desc="FISH Fisher"
+        if (selection_dataset is not None or evaluator is not None) and config.selection not in IRD_SELECTIONS:
+            raise ValueError(
+                f"selection_dataset / evaluator are used by IRD only, but selection={config.selection!r}; set "
+                "selection='ird' (or a control) in the FishIRDConfig, or drop these arguments."
             )
         total, head = self.count_parameters()
         k = sparse_budget(total, head, config.keep_ratio, config.head_in_budget)
-        masks = select(result.scores, k, config.budget)
-        self._fill(adapter, layers, masks)
+        job = _PrepareJob(self, adapter, config, layers, train_dataset, data_collator, batch_size or config.fisher_batch_size, progress)
+        if config.selection == "fish":
+            outcome = job.fish(k)
+        elif config.selection == "random":
+            outcome = job.random(k)
+        else:
+            outcome = job.ird(k, selection_dataset, evaluator)
+        self._fill(adapter, layers, outcome.masks)
         record = SelectionRecord(
-            method="fish",
+            method=config.selection,
             adapter_name=adapter,
             fisher=config.fisher,
             budget=config.budget,
@@ -190,22 +201,28 @@ class FishIRDModel(BaseTuner):
             head_in_budget=config.head_in_budget,
             seed=config.seed,
             num_samples_requested=config.num_samples,
-            num_samples_used=result.num_samples,
-            sample_indices=data.sample_indices,
+            num_samples_used=len(outcome.sample_indices),
+            sample_indices=outcome.sample_indices,
             total_params=total,
             head_params=head,
             k=k,
-            entries_per_param={key: int(idx.numel()) for key, idx in masks.items()},
-            shapes={key: list(score.shape) for key, score in result.scores.items()},
-            score_summary=score_summary(result, masks),
-            fisher_seconds=round(result.seconds, 3),
+            entries_per_param={key: int(idx.numel()) for key, idx in outcome.masks.items()},
+            shapes={key: list(shape) for key, shape in job.shapes().items()},
+            score_summary=score_summary(outcome.scores, outcome.masks) if outcome.scores else {},
+            fisher_seconds=round(outcome.fisher_seconds, 3),
             seconds=round(time.perf_counter() - start, 3),
             versions={"peft_fish_ird": __version__, "torch": torch.__version__},
+            trace=outcome.trace,
+            best_round=outcome.best_round,
+            per_sample_gradients=outcome.per_sample_gradients,
+            scoring_seconds=round(outcome.scoring_seconds, 3),
+            selection_samples=outcome.selection_samples,
+            settings=job.settings_summary(evaluator),
         )
         config.selection_record = record.to_dict()
         logger.info(
-            "FishIRD prepare: %d sparse entries (%.3f%% of %d params; head %d) from %d samples in %.1fs",
-            k, 100.0 * k / total, total, head, result.num_samples, record.seconds,
+            "FishIRD prepare (%s): %d sparse entries (%.3f%% of %d params; head %d), round %d of %d, %.1fs",
+            config.selection, k, 100.0 * k / total, total, head, record.best_round, len(record.trace), record.seconds,
         )
         return record
 
@@ -303,13 +320,174 @@ def check_record_shapes(model: nn.Module, record: dict[str, Any]) -> None:
             )
 
 
-def score_summary(result: FisherResult, masks: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Threshold and captured share of the Fisher mass of a mask."""
-    chosen = torch.cat([result.scores[k].reshape(-1)[idx] for k, idx in masks.items()])
-    total = float(sum(s.double().sum() for s in result.scores.values()))
+def score_summary(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Threshold and captured share of the Fisher mass (of the first round's Fisher) of a mask."""
+    chosen = torch.cat([scores[k].reshape(-1)[idx] for k, idx in masks.items()])
+    total = float(sum(s.double().sum() for s in scores.values()))
     return {
         "threshold": float(chosen.min()) if chosen.numel() else 0.0,
         "max": float(chosen.max()) if chosen.numel() else 0.0,
         "selected_fisher_share": float(chosen.double().sum()) / total if total > 0 else 0.0,
         "zero_score_entries_selected": int((chosen == 0).sum()),
     }
+
+
+@dataclass
+class _Outcome:
+    masks: dict[str, torch.Tensor]
+    sample_indices: list[int]
+    scores: dict[str, torch.Tensor]
+    trace: list[IRDRound]
+    best_round: int = 1
+    per_sample_gradients: int = 0
+    fisher_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+    selection_samples: int = 0
+
+
+class _PrepareJob:
+    """One ``prepare`` call: data plumbing around the Fisher engine, the selection and IRD."""
+
+    def __init__(
+        self,
+        tuner: FishIRDModel,
+        adapter: str,
+        config: FishIRDConfig,
+        layers: dict[str, FishIRDLayer],
+        data: Any,
+        collator: Optional[Callable],
+        batch_size: int,
+        progress: bool,
+    ) -> None:
+        self.tuner, self.adapter, self.config, self.layers = tuner, adapter, config, layers
+        self.data, self.collator, self.batch_size, self.progress = data, collator, batch_size, progress
+        self.targets = {name: layer.get_base_layer() for name, layer in layers.items()}
+        self.device = next(tuner.model.parameters()).device
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return {
+            f"{name}.{p}": getattr(module, p).shape
+            for name, module in self.targets.items()
+            for p in self.layers[name].base_param_names()
+        }
+
+    def settings_summary(self, evaluator: Optional[Callable]) -> dict[str, Any]:
+        c = self.config
+        out: dict[str, Any] = {"selection": c.selection, "fisher_batch_size": self.batch_size}
+        if c.selection in IRD_SELECTIONS:
+            out.update(
+                ird_shrink=c.ird_shrink, ird_rounds=c.ird_rounds, ird_min_samples=c.ird_min_samples,
+                ird_selection_fraction=c.ird_selection_fraction, ird_eval_steps=c.ird_eval_steps,
+                ird_eval_batch_size=c.ird_eval_batch_size, ird_eval_lr=c.ird_eval_lr,
+                ird_eval_metric=c.ird_eval_metric,
+                evaluator="user" if evaluator is not None else "built-in",
+            )
+        return out
+
+    def _fisher(self, batches: list[dict[str, Any]], ranges: Optional[dict[str, torch.Tensor]], desc: str):
+        batches = [move_to(b, self.device) for b in batches]
+        with adapters_disabled([*self.layers.values(), *self.tuner._head_wrappers()]):
+            return compute_fisher(
+                self.tuner.model, batches, self.targets, self.config.fisher,
+                sample_score_masks=ranges, progress=self.progress, total=len(batches), desc=desc,
+            )
+
+    def fish(self, k: int) -> _Outcome:
+        drawn = fisher_batches(
+            self.data, model=self.tuner.model, num_samples=self.config.num_samples, seed=self.config.seed,
+            batch_size=self.batch_size, data_collator=self.collator,
+        )
+        result = self._fisher(drawn.batches, None, "FISH Fisher")
+        masks = select(result.scores, k, self.config.budget)
+        trace = [IRDRound(1, result.num_samples, sum(s.numel() for s in result.scores.values()), None, round(result.seconds, 3))]
+        return _Outcome(masks, drawn.sample_indices, result.scores, trace, 1, result.num_samples, result.seconds)
+
+    def random(self, k: int) -> _Outcome:
+        sizes = {key: int(torch.Size(shape).numel()) for key, shape in self.shapes().items()}
+        masks = random_mask(sizes, k, self.config.seed)
+        return _Outcome(masks, [], {}, [IRDRound(1, 0, sum(sizes.values()), None, 0.0)])
+
+    def ird(self, k: int, selection_dataset: Any, evaluator: Optional[Callable[[nn.Module], float]]) -> _Outcome:
+        c = self.config
+        require_indexable(self.data, f"selection={c.selection!r}")
+        n = len(self.data)
+        settings = IRDSettings(
+            shrink=c.ird_shrink, rounds=c.ird_rounds, min_samples=c.ird_min_samples,
+            direction="reverse" if c.selection == "ird_reverse" else "top",
+            sample_order="random" if c.selection == "ird_random" else "fisher",
+            budget=c.budget, seed=c.seed,
+        )
+        candidates = sum(int(torch.Size(s).numel()) for s in self.shapes().values())
+        plan = schedule(min(c.num_samples, n), candidates, k, settings)
+        held_out_size = 0
+        if len(plan) > 1 and evaluator is None and selection_dataset is None:
+            held_out_size = max(1, round(c.ird_selection_fraction * n))
+        order = seeded_permutation(n, c.seed)
+        pool = order[: min(c.num_samples, n - held_out_size)]
+        held_out = order[len(pool) : len(pool) + held_out_size]
+        if not pool:
+            raise ValueError(
+                f"{n} examples leave none for the Fisher pool after holding out {held_out_size} for scoring: pass "
+                "more data or a selection_dataset."
+            )
+        if len(pool) < c.num_samples:
+            logger.warning("IRD: Fisher pool holds %d examples (num_samples=%d; %d held out for scoring).",
+                           len(pool), c.num_samples, held_out_size)
+
+        def fisher_pass(positions, ranges, desc):
+            batches = collate_indices(
+                self.data, [pool[i] for i in positions], model=self.tuner.model,
+                batch_size=self.batch_size, data_collator=self.collator,
+            )
+            return self._fisher(batches, ranges, desc)
+
+        scorer = self._scorer(pool, held_out, selection_dataset, evaluator)
+        result = iterative_range_decreasing(len(pool), k, fisher_pass, scorer, settings)
+        selection_samples = len(held_out) if selection_dataset is None else len(selection_dataset)
+        return _Outcome(
+            result.masks, pool, result.first_round_scores, result.trace, result.best_round, result.per_sample_gradients,
+            result.fisher_seconds, result.scoring_seconds, selection_samples if evaluator is None else 0,
+        )
+
+    def _scorer(
+        self, pool: list[int], held_out: list[int], selection_dataset: Any, evaluator: Optional[Callable]
+    ) -> Callable[[dict[str, torch.Tensor]], float]:
+        adapter, layers = self.adapter, self.layers
+        heads = [w.modules_to_save[adapter] for w in self.tuner._head_wrappers() if adapter in w.modules_to_save]
+        state_modules = [*layers.values(), *heads]
+
+        def trainable() -> list[nn.Parameter]:
+            params = [layer.values(p)[adapter] for layer in layers.values() for p in layer.base_param_names()]
+            params += [p for head in heads for p in head.parameters()]
+            for p in params:
+                p.requires_grad_(True)
+            return params
+
+        if evaluator is not None:
+            inner = lambda: evaluator(self.tuner)  # noqa: E731
+        else:
+            inner = self._builtin_scorer(pool, held_out, selection_dataset, trainable)
+
+        def score(masks: dict[str, torch.Tensor]) -> float:
+            fill = lambda m: FishIRDModel._fill(adapter, layers, m)  # noqa: E731
+            with isolated_candidate(self.tuner.model, fill, masks, state_modules):
+                return float(inner())
+
+        return score
+
+    def _builtin_scorer(self, pool, held_out, selection_dataset, trainable) -> MaskedFineTuneScorer:
+        c = self.config
+        if selection_dataset is not None:
+            require_indexable(selection_dataset, "selection_dataset")
+            sel_source, sel_indices = selection_dataset, list(range(len(selection_dataset)))
+        else:
+            sel_source, sel_indices = self.data, held_out
+        collate = lambda data, idx: [move_to(b, self.device) for b in collate_indices(  # noqa: E731
+            data, idx, model=self.tuner.model, batch_size=c.ird_eval_batch_size, data_collator=self.collator)]
+        needed = c.ird_eval_steps * c.ird_eval_batch_size
+        order = seeded_permutation(len(pool), c.seed + 1)
+        train_indices = [pool[order[i % len(order)]] for i in range(needed)]
+        return MaskedFineTuneScorer(
+            self.tuner.model, trainable, collate(self.data, train_indices), collate(sel_source, sel_indices),
+            lr=c.ird_eval_lr, metric=c.ird_eval_metric, seed=c.seed,
+        )

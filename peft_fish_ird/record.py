@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
+
+from .ird import IRDRound
 
 
 @dataclass
 class SelectionRecord:
     """Audit trail of ``prepare``: enough to check, compare and rebuild a mask.
 
-    Entry keys are ``"<module>.<param>"`` names relative to the base model.
+    Entry keys are ``"<module>.<param>"`` names relative to the base model. ``trace`` has one
+    ``IRDRound(round, n_samples, n_params_in_range, score, seconds)`` per Fisher round (FISH: one
+    round, unscored); ``best_round`` is the round whose candidate became the mask;
+    ``per_sample_gradients`` counts samples back-propagated over all rounds.
     """
 
     method: str
@@ -32,15 +37,24 @@ class SelectionRecord:
     fisher_seconds: float
     seconds: float
     versions: dict[str, str] = field(default_factory=dict)
-    trace: Optional[list[list[Any]]] = None
+    trace: list[IRDRound] = field(default_factory=list)
+    best_round: int = 1
+    per_sample_gradients: int = 0
+    scoring_seconds: float = 0.0
+    selection_samples: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["trace"] = [list(row) for row in self.trace]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SelectionRecord":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["trace"] = [IRDRound(*row) for row in kwargs.get("trace") or []]
+        return cls(**kwargs)
 
     @property
     def trainable_entries(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 
@@ -80,12 +81,76 @@ def select_per_module(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, t
     return {n: top_k_positions(s.reshape(-1).float(), quota[n]) for n, s in scores.items()}
 
 
-def select(scores: Mapping[str, torch.Tensor], k: int, budget: str = "global") -> dict[str, torch.Tensor]:
+def select(
+    scores: Mapping[str, torch.Tensor],
+    k: int,
+    budget: str = "global",
+    ranges: Optional[Mapping[str, torch.Tensor]] = None,
+) -> dict[str, torch.Tensor]:
+    """Top-k entries of ``scores`` (``budget`` 'global' or 'per_module'), only inside ``ranges``.
+
+    ``ranges``: name -> bool mask of the entries allowed (IRD's parameter range); None: all.
+    Per-module quotas are proportional to each parameter's share of the range.
+    """
+    if ranges is None:
+        if budget == "global":
+            return select_global(scores, k)
+        if budget == "per_module":
+            return select_per_module(scores, k)
+        raise ValueError(f"budget={budget!r}: choose 'global' or 'per_module'.")
+    masked = restrict(scores, ranges)
     if budget == "global":
-        return select_global(scores, k)
+        _check_budget(k, sum(int(r.sum()) for r in ranges.values()))
+        return select_global(masked, k)
     if budget == "per_module":
-        return select_per_module(scores, k)
+        quota = per_module_quota({n: int(ranges[n].sum()) for n in scores}, k)
+        return {n: top_k_positions(masked[n], quota[n]) for n in scores}
     raise ValueError(f"budget={budget!r}: choose 'global' or 'per_module'.")
+
+
+def restrict(
+    scores: Mapping[str, torch.Tensor], ranges: Optional[Mapping[str, torch.Tensor]], lowest: bool = False
+) -> dict[str, torch.Tensor]:
+    """Flat scores with entries outside the range at -inf (``lowest``: scores negated, so a top-k
+    picks the lowest-scored entries of the range)."""
+    out = {}
+    for name, score in scores.items():
+        flat = score.reshape(-1).float()
+        flat = -flat if lowest else flat
+        if ranges is not None:
+            flat = torch.where(ranges[name].reshape(-1), flat, torch.tensor(float("-inf")))
+        out[name] = flat
+    return out
+
+
+def shrink_range(
+    scores: Mapping[str, torch.Tensor],
+    ranges: Optional[Mapping[str, torch.Tensor]],
+    size: int,
+    lowest: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The ``size`` highest- (``lowest``: lowest-) scored entries of the current range, as bool masks."""
+    chosen = select_global(restrict(scores, ranges, lowest), size)
+    masks = {}
+    for name, score in scores.items():
+        mask = torch.zeros(score.numel(), dtype=torch.bool)
+        mask[chosen[name]] = True
+        masks[name] = mask
+    return masks
+
+
+def random_mask(sizes: Mapping[str, int], k: int, seed: int) -> dict[str, torch.Tensor]:
+    """A uniformly random set of k entries over all parameters (the FISH paper's random baseline)."""
+    total = sum(sizes.values())
+    _check_budget(k, total)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(total, generator=generator)[:k].sort().values
+    out, start = {}, 0
+    for name, size in sizes.items():
+        lo, hi = torch.searchsorted(chosen, torch.tensor([start, start + size]))
+        out[name] = chosen[lo:hi] - start
+        start += size
+    return out
 
 
 def _check_budget(k: int, candidates: int) -> None:

@@ -98,3 +98,26 @@ def test_corrupt_indices_fail_clearly(saved, tmp_path_factory):
     save_file(tensors, path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="different shapes"):
         PeftModel.from_pretrained(tiny_bert(), path)
+
+
+def test_push_to_hub_uploads_exactly_the_saved_adapter(saved, tmp_path_factory, monkeypatch):
+    """push_to_hub (offline: hub calls replaced) uploads the same adapter files save_pretrained writes."""
+    import shutil
+    from types import SimpleNamespace
+
+    from transformers.utils import hub
+
+    path, model = saved
+    uploaded = tmp_path_factory.mktemp("uploaded")
+    monkeypatch.setattr(hub, "hf_api", lambda: SimpleNamespace(create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id)))
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None: SimpleNamespace(save=lambda p: None))
+
+    def capture(working_dir, repo_id, **kwargs):
+        shutil.copytree(working_dir, uploaded, dirs_exist_ok=True)
+
+    monkeypatch.setattr(model, "_upload_modified_files", capture)
+    model.push_to_hub("someone/fishird-tiny")
+    names = {p.name for p in uploaded.iterdir()}
+    assert names == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert (uploaded / "adapter_model.safetensors").read_bytes() == (path / "adapter_model.safetensors").read_bytes()
+    assert json.loads((uploaded / "adapter_config.json").read_text()) == json.loads((path / "adapter_config.json").read_text())
