@@ -18,6 +18,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .sparse_ops import EmbeddingRows, MatrixPattern, sparse_delta_embedding, sparse_delta_matmul
+
 SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.LayerNorm, Conv1D)
 PARAM_NAMES = ("weight", "bias")
 
@@ -189,6 +191,8 @@ class FishIRDModule(nn.Module, FishIRDLayer):
                 f"{[t.__name__ for t in SUPPORTED_LAYER_TYPES]}. Remove it from `target_modules`."
             )
         self._active_adapter = adapter_name
+        self._layout_cache: dict[str, tuple[torch.Tensor, Any]] = {}
+        self.use_fast_path = True  # False: the slow obvious path (dense effective weight + autograd)
         self.update_layer(adapter_name, inference_mode=inference_mode)
         self.register_load_state_dict_pre_hook(_resize_pre_hook)
 
@@ -207,8 +211,41 @@ class FishIRDModule(nn.Module, FishIRDLayer):
         active = [a for a in active if self.num_entries(a)]
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        if self.use_fast_path and len(active) == 1 and self._fast_path_applies():
+            return self._fast_forward(x, active[0])
         params = {name: self.effective_param(name, active) for name in self.base_param_names()}
         return functional_forward(self.base_layer, x, params.get("weight"), params.get("bias"))
+
+    def _fast_path_applies(self) -> bool:
+        base = self.base_layer
+        if any(p.requires_grad for p in base.parameters(recurse=False)):
+            return False  # base weights being trained too: let autograd form their gradients
+        if isinstance(base, nn.Embedding):
+            return base.max_norm is None and not base.scale_grad_by_freq and not base.sparse
+        return isinstance(base, (nn.Linear, Conv1D))
+
+    def _fast_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """Only the input gradient and the values' gradient are computed (``sparse_ops``)."""
+        base = self.base_layer
+        w_idx = self.indices("weight")[adapter]
+        w_values = self.values("weight")[adapter]
+        if isinstance(base, nn.Embedding):
+            rows = self._cached(adapter, w_idx, lambda: EmbeddingRows.build(
+                w_idx, base.num_embeddings, base.embedding_dim, base.padding_idx))
+            return sparse_delta_embedding(x, base, rows, w_values)
+        pattern = self._cached(adapter, w_idx, lambda: MatrixPattern.build(w_idx, *base.weight.shape))
+        b_idx = b_values = None
+        if base.bias is not None and self.indices("bias")[adapter].numel():
+            b_idx, b_values = self.indices("bias")[adapter], self.values("bias")[adapter]
+        return sparse_delta_matmul(x, base.weight, base.bias, pattern, w_values, b_idx, b_values, isinstance(base, Conv1D))
+
+    def _cached(self, adapter: str, indices: torch.Tensor, build: Any) -> Any:
+        """Layouts derived from the indices, rebuilt whenever the index tensor is replaced."""
+        entry = self._layout_cache.get(adapter)
+        if entry is None or entry[0] is not indices:
+            entry = (indices, build())
+            self._layout_cache[adapter] = entry
+        return entry[1]
 
     def __repr__(self) -> str:
         return "fishird." + super().__repr__()

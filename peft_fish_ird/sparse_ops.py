@@ -1,0 +1,163 @@
+"""Fast forward/backward of a weight plus a sparse delta, computing only what training needs.
+
+Training the values vector needs, per step, the input gradient and the gradient of the values
+- never the dense weight gradient that autograd would form for ``W0 + scatter(values)``. For a
+matrix weight M (``nn.Linear``: ``y = x M^T``; GPT-2 ``Conv1D``: ``y = x M``) the values'
+gradient is ``(A^T B)[r_e, c_e]`` (Linear: A = grad_out, B = x; Conv1D: A = x, B = grad_out),
+a sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm``) evaluated only at the
+selected positions, with the CSR pattern oriented so its rows run along the larger dimension.
+Above ``DENSE_GRAD_DENSITY`` the dense product plus a gather is faster and is used instead.
+The custom function saves only x (the effective weight is rebuilt in backward, a cheap copy).
+
+Embedding: ``W0[ids] + D[pos(ids)]`` where D is a compact table holding only the rows that
+have entries (plus a zero row), so neither forward nor backward touches a vocab-sized delta.
+
+The slow obvious path (``layer.effective_param`` + ``functional_forward``) is the reference the
+tests compare these against.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DENSE_GRAD_DENSITY = 0.02  # measured break-even of SDDMM vs dense GEMM + gather (benchmarks/speed.py)
+
+
+@dataclass
+class MatrixPattern:
+    """CSR layout of a set of entries of a (rows x cols) matrix, in the orientation SDDMM prefers."""
+
+    flat: torch.Tensor
+    rows: int
+    cols: int
+    transposed: bool = False
+    crow: torch.Tensor = field(default=None, repr=False)
+    col: torch.Tensor = field(default=None, repr=False)
+    order: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, flat: torch.Tensor, rows: int, cols: int) -> "MatrixPattern":
+        r, c = flat // cols, flat % cols
+        transposed = rows < cols
+        if transposed:  # pattern of M^T: its rows are M's columns
+            order = torch.argsort(c * rows + r)
+            lead, other, n_lead = c[order], r[order], cols
+        else:
+            order, lead, other, n_lead = None, r, c, rows
+        crow = torch.zeros(n_lead + 1, dtype=torch.int64, device=flat.device)
+        crow[1:] = torch.bincount(lead, minlength=n_lead).cumsum(0)
+        return cls(flat, rows, cols, transposed, crow, other.contiguous(), order)
+
+    @property
+    def density(self) -> float:
+        return self.flat.numel() / float(self.rows * self.cols)
+
+    def sampled(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(a^T b)`` at the pattern's entries, in ``flat`` order; a: (N, rows), b: (N, cols), float32."""
+        if self.density > DENSE_GRAD_DENSITY:
+            return (a.t() @ b).reshape(-1)[self.flat]
+        k = self.flat.numel()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sparse CSR is a beta API in torch 2.13
+            if not self.transposed:
+                shape, m1, m2 = (self.rows, self.cols), a.t().contiguous(), b
+            else:
+                shape, m1, m2 = (self.cols, self.rows), b.t().contiguous(), a
+            pattern = torch.sparse_csr_tensor(self.crow, self.col, torch.zeros(k, dtype=a.dtype, device=a.device), shape)
+            values = torch.sparse.sampled_addmm(pattern, m1, m2, beta=0.0).values()
+        if self.order is None:
+            return values
+        out = torch.empty_like(values)
+        out[self.order] = values
+        return out
+
+
+class _SparseDeltaMatmul(torch.autograd.Function):
+    """y = x M_eff^T + b_eff (Linear) or x M_eff + b_eff (Conv1D), M_eff = M0 + scatter(values)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pattern, w_values, b_idx, b_values, conv1d):  # noqa: D401
+        w_eff = _effective(weight, pattern.flat, w_values)
+        b_eff = bias if (bias is None or b_idx is None) else _effective(bias, b_idx, b_values)
+        if conv1d:
+            out = x.reshape(-1, x.shape[-1]) @ w_eff
+            out = out.view(*x.shape[:-1], w_eff.shape[1])
+            if b_eff is not None:
+                out = out + b_eff
+        else:
+            out = F.linear(x, w_eff, b_eff)
+        ctx.save_for_backward(x, weight, w_values, b_idx)
+        ctx.pattern, ctx.conv1d = pattern, conv1d
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, w_values, b_idx = ctx.saved_tensors
+        pattern, conv1d = ctx.pattern, ctx.conv1d
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w_eff = _effective(weight, pattern.flat, w_values)
+            grad_x = grad_out @ (w_eff.t() if conv1d else w_eff)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[4]:
+            a, b = (x2, g2) if conv1d else (g2, x2)
+            grad_w = pattern.sampled(a.float(), b.float()).to(w_values.dtype)
+        if b_idx is not None and ctx.needs_input_grad[6]:
+            grad_b = g2.float().sum(0)[b_idx].to(w_values.dtype)
+        return grad_x, None, None, None, grad_w, None, grad_b, None
+
+
+def _effective(param: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return param.reshape(-1).index_add(0, flat, values.to(param.dtype)).view_as(param)
+
+
+def sparse_delta_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    pattern: MatrixPattern,
+    w_values: torch.Tensor,
+    b_idx: Optional[torch.Tensor],
+    b_values: Optional[torch.Tensor],
+    conv1d: bool,
+) -> torch.Tensor:
+    """Forward of a Linear/Conv1D with sparse deltas on weight (and bias); see module docstring."""
+    return _SparseDeltaMatmul.apply(x, weight, bias, pattern, w_values, b_idx, b_values, conv1d)
+
+
+@dataclass
+class EmbeddingRows:
+    """Compact-row layout of an embedding's entries: which rows have entries, and where each entry sits."""
+
+    flat: torch.Tensor
+    lookup: torch.Tensor  # vocab -> row position in the compact table (last row: zeros)
+    row_pos: torch.Tensor
+    col: torch.Tensor
+    num_rows: int
+    padding_pos: Optional[int]
+
+    @classmethod
+    def build(cls, flat: torch.Tensor, num_embeddings: int, dim: int, padding_idx: Optional[int]) -> "EmbeddingRows":
+        rows, cols = flat // dim, flat % dim
+        unique_rows, row_pos = torch.unique(rows, return_inverse=True)
+        lookup = torch.full((num_embeddings,), unique_rows.numel(), dtype=torch.int64, device=flat.device)
+        lookup[unique_rows] = torch.arange(unique_rows.numel(), device=flat.device)
+        # nn.Embedding gives the padding row no gradient; so does the compact table's copy of it
+        padding_pos = None if padding_idx is None else int(lookup[padding_idx])
+        return cls(flat, lookup, row_pos, cols, unique_rows.numel(), padding_pos)
+
+
+def sparse_delta_embedding(ids: torch.Tensor, base: nn.Embedding, rows: EmbeddingRows, values: torch.Tensor) -> torch.Tensor:
+    """``base(ids) + delta[ids]`` with the delta held as a compact table of the rows with entries."""
+    weight = base.weight
+    table = torch.zeros(rows.num_rows + 1, weight.shape[1], dtype=values.dtype, device=weight.device)
+    table = table.index_put((rows.row_pos, rows.col), values)
+    delta = F.embedding(rows.lookup[ids], table, rows.padding_pos)
+    return F.embedding(ids, weight, base.padding_idx) + delta.to(weight.dtype)
