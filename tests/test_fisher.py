@@ -137,3 +137,32 @@ def test_unpad_sample_strips_padded_positions():
     for i in range(3):
         s = unpad_sample(batch, i)
         assert s["attention_mask"].all() and s["input_ids"].shape[1] == int(batch["attention_mask"][i].sum())
+
+
+class _SeqMLP(nn.Module):
+    """Token MLP with a weight large enough for the per-sample-GEMM path, mean-pooled to 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(24, 12_000)
+        self.down = nn.Linear(12_000, 3)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x))).mean(1)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "range"])
+def test_large_weight_path_equals_the_loop(masked):
+    from peft_fish_ird import fisher as fisher_module
+
+    model = _SeqMLP()
+    assert model.up.weight.numel() >= fisher_module.PER_SAMPLE_GEMM_MIN_ELEMENTS
+    g = torch.Generator().manual_seed(3)
+    batches = [{"x": torch.randn(5, 4, 24, generator=g), "labels": torch.randint(0, 3, (5,), generator=g)} for _ in range(2)]
+    targets = {"up": model.up, "down": model.down}
+    masks = {"up.weight": torch.rand(model.up.weight.shape, generator=g) < 0.4} if masked else None
+    fast = compute_fisher(model, batches, targets, sample_score_masks=masks, progress=False)
+    slow = fisher_loop(model, batches, targets, sample_score_masks=masks)
+    assert _max_relative_error(fast.scores, slow.scores) < 1e-5
+    assert torch.allclose(fast.sample_scores, slow.sample_scores, rtol=1e-5)
