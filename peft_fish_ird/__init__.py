@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from ._registration import FishIRDPeftType, register  # noqa: E402
 from .config import FishIRDConfig  # noqa: E402
 from .fisher import FisherResult, NonFiniteFisherError, compute_fisher  # noqa: E402
+from .integration import FishIRDCallback, get_peft_model  # noqa: E402
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError  # noqa: E402
 from .model import FishIRDModel  # noqa: E402
 from .record import SelectionRecord  # noqa: E402
@@ -16,6 +17,7 @@ from .record import SelectionRecord  # noqa: E402
 register()
 
 __all__ = [
+    "FishIRDCallback",
     "FishIRDConfig",
     "FishIRDLayer",
     "FishIRDModel",
@@ -26,6 +28,7 @@ __all__ = [
     "SelectionRecord",
     "UnpreparedAdapterError",
     "compute_fisher",
+    "get_peft_model",
     "register",
     "__version__",
 ]

@@ -11,7 +11,9 @@ causal LMs), so per-sample gradients do not depend on the batch size. The batch 
 back-propagated is the SUM of per-sample losses; each layer's per-sample gradient is then formed
 from the layer input and output gradient by a per-layer-type rule (a registry, ``RULES``) in a
 tensor hook, squared and summed at once: memory stays at one layer's ``B x numel`` at a time and
-the base parameters never get a ``.grad``. Scores are float32 whatever the model's dtype.
+the base parameters never get a ``.grad``. Per-sample gradients and each batch's sums are float32
+whatever the model's dtype; the totals over batches are float64, so the order in which batches
+(or ranks, under ``torch.distributed``) are added does not change the ranking.
 
 This module never imports PEFT; ``reference.fisher_loop`` is its slow, obvious twin.
 """
@@ -30,6 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from . import distributed
+
 FisherType = Literal["empirical", "expected"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PARAM_NAMES = ("weight", "bias")
@@ -44,7 +48,7 @@ class FisherResult:
     """Output of a Fisher pass.
 
     Attributes:
-        scores: ``"<module>.<param>"`` -> float32 tensor of the parameter's shape, ``F_j``.
+        scores: ``"<module>.<param>"`` -> float64 tensor of the parameter's shape, ``F_j``.
         sample_scores: float32 ``(num_samples,)``, ``s_n`` in the order the samples were fed.
         num_samples: samples seen.
         seconds: wall time of the pass.
@@ -279,16 +283,25 @@ class _FisherHooks:
         unknown = set(self.masks) - set(self.scores)
         if unknown:
             raise KeyError(f"sample_score_masks name parameters that are not targets: {sorted(unknown)}")
+        self.totals = {k: torch.zeros(v.numel(), dtype=torch.float64, device=v.device) for k, v in self.scores.items()}
         self.batch_size = 0
         self.batch_sample_scores = torch.zeros(0)
         self.calls: dict[str, int] = {}
         self.anchor = torch.zeros((), requires_grad=True)
 
     def begin_batch(self, batch_size: int, device: torch.device) -> None:
+        """Zero the float32 per-batch sums (a batch's contribution never depends on earlier batches)."""
         self.batch_size = batch_size
         self.batch_sample_scores = torch.zeros(batch_size, dtype=torch.float32, device=device)
         self.calls = dict.fromkeys(self.targets, 0)
         self.anchor = torch.zeros((), requires_grad=True, device=device)
+        for partial in self.scores.values():
+            partial.zero_()
+
+    def end_batch(self) -> None:
+        """Add the batch's float32 sums into the float64 totals."""
+        for key, partial in self.scores.items():
+            self.totals[key].add_(partial)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["_FisherHooks"]:
@@ -387,7 +400,6 @@ def compute_fisher(
     sample_score_masks: Optional[Mapping[str, torch.Tensor]] = None,
     loss_fn: Optional[LossFn] = None,
     progress: bool = True,
-    total: Optional[int] = None,
     desc: str = "Fisher",
 ) -> FisherResult:
     """Exact diagonal Fisher of ``targets``' parameters over the samples in ``batches``.
@@ -400,7 +412,11 @@ def compute_fisher(
         sample_score_masks: ``"<module>.<param>"`` -> bool mask (parameter shape): restricts the
             per-sample scores ``s_n`` to a parameter range. Default: all entries.
         loss_fn: ``loss_fn(logits, labels) -> (B,)`` per-sample losses (empirical only).
-        progress: show a tqdm bar; total: number of batches, for the bar.
+        progress: show a tqdm bar (rank 0 only).
+
+    Under ``torch.distributed`` (more than one rank) every rank must pass the same batches; rank r
+    back-propagates batches r, r + world, ... and the sums are all-reduced, so all ranks return
+    the same result.
 
     Raises:
         NonFiniteFisherError: a sample's loss or gradient is NaN/inf (its index is named).
@@ -409,36 +425,79 @@ def compute_fisher(
         raise ValueError(f"fisher={fisher!r}: choose 'empirical' or 'expected'.")
     check_targets(targets)
     loss_fn = loss_fn or per_sample_losses
+    batches = list(batches)
+    sizes = [batch_size_of(b) for b in batches]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    mine = [i for i in range(len(batches)) if i % distributed.world_size() == distributed.rank()]
     hooks = _FisherHooks(targets, sample_score_masks or {})
-    sample_scores: list[torch.Tensor] = []
+    device = _device_of(model)
+    sample_scores = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+    first_bad = torch.tensor([_NO_BAD_SAMPLE], dtype=torch.int64)
     start = time.perf_counter()
-    seen = 0
+    show = progress and distributed.is_main_process()
     with frozen_eval(model), hooks.installed(), torch.enable_grad():
-        for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
-            labels = batch.get("labels")
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            size = batch_size_of(batch)
-            hooks.begin_batch(size, _device_of(model))
-            logits = output_logits(model(**inputs))
-            if fisher == "empirical":
-                losses = loss_fn(logits, labels)
-                _check_finite(losses, seen, "loss")
-                losses.sum().backward()
-            else:
-                log_p = class_log_probs(logits)
-                _check_finite(log_p.sum(-1), seen, "log-probability")
-                weight = log_p.detach().exp().sqrt()  # sum_c p_c g_c^2 = sum_c (sqrt(p_c) g_c)^2
-                for c in range(log_p.shape[-1]):
-                    (-(log_p[:, c] * weight[:, c])).sum().backward(retain_graph=c < log_p.shape[-1] - 1)
-            _check_finite(hooks.batch_sample_scores, seen, "squared gradient")
-            sample_scores.append(hooks.batch_sample_scores.cpu())
-            seen += size
+        for i in tqdm(mine, total=len(mine), desc=desc, unit="batch", disable=not show):
+            batch = batches[i]
+            hooks.begin_batch(sizes[i], device)
+            bad = _backward_batch(model, batch, fisher, loss_fn)
+            if bad is None:
+                bad = _first_non_finite(hooks.batch_sample_scores)
+            if bad is not None:  # keep going so every rank reaches the collectives below
+                first_bad[0] = min(int(first_bad[0]), offsets[i] + bad)
+                continue
+            hooks.end_batch()
+            sample_scores[offsets[i] : offsets[i] + sizes[i]] = hooks.batch_sample_scores
+    _reduce(hooks.totals, sample_scores, first_bad)
+    if int(first_bad[0]) != _NO_BAD_SAMPLE:
+        raise NonFiniteFisherError(
+            f"Fisher sample {int(first_bad[0])} (0-based, in the order drawn) produced a non-finite loss or "
+            "gradient. Check that sample's inputs/labels, or run the model in float32."
+        )
     result_scores = {}
-    for key, flat in hooks.scores.items():
+    for key, flat in hooks.totals.items():
         module_name, param_name = key.rsplit(".", 1)
         result_scores[key] = flat.view(getattr(targets[module_name], param_name).shape)
-    total_scores = torch.cat(sample_scores) if sample_scores else torch.zeros(0)
-    return FisherResult(result_scores, total_scores, seen, time.perf_counter() - start)
+    return FisherResult(result_scores, sample_scores.cpu(), sum(sizes), time.perf_counter() - start)
+
+
+_NO_BAD_SAMPLE = 2**62
+
+
+def _backward_batch(model: nn.Module, batch: Mapping[str, Any], fisher: str, loss_fn: LossFn) -> Optional[int]:
+    """Forward and backward of one batch; returns the in-batch index of a non-finite loss, if any."""
+    labels = batch.get("labels")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = output_logits(model(**inputs))
+    if fisher == "empirical":
+        losses = loss_fn(logits, labels)
+        bad = _first_non_finite(losses)
+        if bad is None:
+            losses.sum().backward()
+        return bad
+    log_p = class_log_probs(logits)
+    bad = _first_non_finite(log_p.sum(-1))
+    if bad is not None:
+        return bad
+    weight = log_p.detach().exp().sqrt()  # sum_c p_c g_c^2 = sum_c (sqrt(p_c) g_c)^2
+    for c in range(log_p.shape[-1]):
+        (-(log_p[:, c] * weight[:, c])).sum().backward(retain_graph=c < log_p.shape[-1] - 1)
+    return None
+
+
+def _reduce(totals: dict[str, torch.Tensor], sample_scores: torch.Tensor, first_bad: torch.Tensor) -> None:
+    """Sum every rank's share (float64 totals; disjoint per-sample slots) and agree on errors."""
+    if not distributed.is_distributed():
+        return
+    bad, _ = distributed.collective_tensor(first_bad)
+    distributed.all_reduce_(bad, "min")
+    first_bad.copy_(bad.cpu())
+    for key, total in totals.items():
+        shared, home = distributed.collective_tensor(total)
+        distributed.all_reduce_(shared)
+        totals[key] = shared.to(home)
+    shared, home = distributed.collective_tensor(sample_scores)
+    distributed.all_reduce_(shared)
+    sample_scores.copy_(shared.to(home))
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -447,11 +506,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_finite(values: torch.Tensor, offset: int, what: str) -> None:
+def _first_non_finite(values: torch.Tensor) -> Optional[int]:
     bad = ~torch.isfinite(values)
-    if bool(bad.any()):
-        index = offset + int(bad.nonzero()[0, 0])
-        raise NonFiniteFisherError(
-            f"Fisher sample {index} (0-based, in the order drawn) produced a non-finite {what}. Check that "
-            "sample's inputs/labels, or run the model in float32 / lower the learning rate of earlier steps."
-        )
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None

@@ -44,7 +44,7 @@ class FishIRDLayer(BaseTunerLayer):
     """State and bookkeeping of the sparse delta (PEFT's tuner-layer contract)."""
 
     adapter_layer_names = ("fishird_weight_values", "fishird_bias_values")
-    other_param_names = ("fishird_weight_indices", "fishird_bias_indices", "fishird_prepared")
+    other_param_names = ("fishird_weight_indices", "fishird_bias_indices", "fishird_prepared", "_trainable_intent")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -53,6 +53,7 @@ class FishIRDLayer(BaseTunerLayer):
         self.fishird_weight_indices = BufferDict({}, persistent=True)
         self.fishird_bias_indices = BufferDict({}, persistent=True)
         self.fishird_prepared: dict[str, bool] = {}
+        self._trainable_intent: dict[str, bool] = {}
         self._merge_backups: dict[str, dict[str, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -83,6 +84,34 @@ class FishIRDLayer(BaseTunerLayer):
         self.fishird_prepared[adapter_name] = False
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    # PEFT switches requires_grad through these; an empty values vector must never require grad
+    # (DDP would wait for a gradient that no forward produces), and a values vector created later
+    # by ``set_entries`` must get the state PEFT last asked for.
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for adapter in self.fishird_prepared:
+            self._trainable_intent[adapter] = adapter in names and not inference_mode
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._freeze_empty_values()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for adapter in names:
+            if adapter in self.fishird_prepared:
+                self._trainable_intent[adapter] = requires_grad
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._freeze_empty_values()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        self._freeze_empty_values()
+
+    def _freeze_empty_values(self) -> None:
+        for name in PARAM_NAMES:
+            for values in self.values(name).values():
+                if values.numel() == 0:
+                    values.requires_grad_(False)
+
     def set_entries(self, adapter_name: str, param_name: str, indices: torch.Tensor) -> None:
         """Give ``adapter_name`` the entries ``indices`` (into the flattened parameter) with zero deltas.
 
@@ -90,11 +119,10 @@ class FishIRDLayer(BaseTunerLayer):
         """
         base_param = getattr(self.get_base_layer(), param_name)
         indices = _checked_indices(indices, base_param.numel(), f"{param_name} of {type(self.get_base_layer())}")
-        old = self.values(param_name)[adapter_name]
         self.indices(param_name)[adapter_name] = indices.to(base_param.device)
         self.values(param_name)[adapter_name] = nn.Parameter(
             torch.zeros(indices.numel(), dtype=torch.float32, device=base_param.device),
-            requires_grad=old.requires_grad,
+            requires_grad=self._trainable_intent.get(adapter_name, False) and indices.numel() > 0,
         )
 
     def _resize_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:

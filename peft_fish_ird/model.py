@@ -9,6 +9,7 @@ records what it did. ``PeftModel`` forwards unknown attributes to the tuner, so 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .config import FishIRDConfig
 from .config import IRD_SELECTIONS
 from .data import collate_indices, fisher_batches, move_to, require_indexable, seeded_permutation
@@ -32,6 +33,7 @@ from .record import SelectionRecord
 from .selection import random_mask, select, sparse_budget
 
 logger = logging.getLogger(__name__)
+RECORD_KEY = "fishird_selection_record"  # uint8 JSON of the SelectionRecord in adapter_model.safetensors
 
 
 class FishIRDModel(BaseTuner):
@@ -91,7 +93,19 @@ class FishIRDModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         if getattr(config, "selection_record", None) is None:
             raise UnpreparedAdapterError(unprepared_message(adapter_name))
-        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # The record also travels in the weights file: HF Trainer's resume loads only the weights
+        # into an existing adapter, keeping its (possibly unprepared) config.
+        to_return[RECORD_KEY] = torch.frombuffer(bytearray(json.dumps(config.selection_record).encode()), dtype=torch.uint8)
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = dict(state_dict)
+        record = state_dict.pop(RECORD_KEY, None)
+        if record is not None and getattr(config, "selection_record", None) is None:
+            config.selection_record = json.loads(bytes(record.tolist()).decode())
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     # ------------------------------------------------------------------ state
     def fishird_layers(self, adapter_name: str) -> dict[str, FishIRDLayer]:
@@ -177,6 +191,10 @@ class FishIRDModel(BaseTuner):
         config: FishIRDConfig = self.peft_config[adapter]
         layers = self.fishird_layers(adapter)
         self._check_can_prepare(adapter, layers, overwrite)
+        distributed.check_not_sharded(self.model)
+        if distributed.ensure_process_group():
+            logger.info("FishIRD initialised torch.distributed (%d processes) for the Fisher pass.", distributed.world_size())
+        distributed.sync_module_states(self.model)
         if (selection_dataset is not None or evaluator is not None) and config.selection not in IRD_SELECTIONS:
             raise ValueError(
                 f"selection_dataset / evaluator are used by IRD only, but selection={config.selection!r}; set "
@@ -389,7 +407,7 @@ class _PrepareJob:
         with adapters_disabled([*self.layers.values(), *self.tuner._head_wrappers()]):
             return compute_fisher(
                 self.tuner.model, batches, self.targets, self.config.fisher,
-                sample_score_masks=ranges, progress=self.progress, total=len(batches), desc=desc,
+                sample_score_masks=ranges, progress=self.progress, desc=desc,
             )
 
     def fish(self, k: int) -> _Outcome:
@@ -471,7 +489,7 @@ class _PrepareJob:
         def score(masks: dict[str, torch.Tensor]) -> float:
             fill = lambda m: FishIRDModel._fill(adapter, layers, m)  # noqa: E731
             with isolated_candidate(self.tuner.model, fill, masks, state_modules):
-                return float(inner())
+                return distributed.broadcast_float(float(inner()))  # every rank keeps the same round
 
         return score
 

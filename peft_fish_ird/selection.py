@@ -47,7 +47,7 @@ def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
 def select_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """One top-k over all entries of all parameters (FISH). Returns name -> sorted flat indices."""
     names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    flat = torch.cat([scores[n].reshape(-1).double() for n in names])
     _check_budget(k, flat.numel())
     chosen = top_k_positions(flat, k)
     out, start = {}, 0
@@ -78,7 +78,7 @@ def per_module_quota(sizes: Mapping[str, int], k: int) -> dict[str, int]:
 def select_per_module(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Each parameter gets a share of k proportional to its size, then its own top-k."""
     quota = per_module_quota({n: s.numel() for n, s in scores.items()}, k)
-    return {n: top_k_positions(s.reshape(-1).float(), quota[n]) for n, s in scores.items()}
+    return {n: top_k_positions(s.reshape(-1).double(), quota[n]) for n, s in scores.items()}
 
 
 def select(
@@ -115,7 +115,7 @@ def restrict(
     picks the lowest-scored entries of the range)."""
     out = {}
     for name, score in scores.items():
-        flat = score.reshape(-1).float()
+        flat = score.reshape(-1).double()
         flat = -flat if lowest else flat
         if ranges is not None:
             flat = torch.where(ranges[name].reshape(-1), flat, torch.tensor(float("-inf")))

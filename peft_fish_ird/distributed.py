@@ -1,0 +1,117 @@
+"""Cross-process helpers (pure torch.distributed; no-ops in a single process).
+
+Under ``torchrun`` / ``accelerate launch`` every rank draws the same Fisher samples with the same
+seed; each rank back-propagates its share of the batches and the sums are all-reduced, so every
+rank ends with the identical scores and mask. Only rank 0 shows progress bars or writes files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def launched_without_process_group() -> bool:
+    """True under a multi-process launcher whose process group is not initialised yet."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized())
+
+
+def ensure_process_group() -> bool:
+    """Initialise torch.distributed from the launcher's environment if it is not yet (returns True
+    if it did). Without it every rank would pick its own mask (e.g. from a differently initialised
+    head) and DDP would later fail on mismatched parameters. Accelerate and HF Trainer reuse an
+    existing process group."""
+    if not launched_without_process_group():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def sync_module_states(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (as DDP does when it wraps a model), so
+    the Fisher pass sees the same weights everywhere - e.g. a randomly initialised task head."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            data = tensor.data
+            shared, home = collective_tensor(data)
+            dist.broadcast(shared, src=0)
+            if shared is not data:
+                data.copy_(shared.to(home))
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum, min or max); returns the tensor."""
+    if is_distributed():
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def broadcast_float(value: float) -> float:
+    """Rank 0's value on every rank (so all ranks take the same decision)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.device]:
+    """The tensor on the device the backend reduces on (NCCL: the current GPU), and its home device."""
+    home = tensor.device
+    if is_distributed():
+        return tensor.to(_collective_device()), home
+    return tensor, home
+
+
+def check_not_sharded(model: nn.Module) -> None:
+    """Refuse models whose parameters are sharded across ranks (FSDP, DeepSpeed ZeRO-3, DTensor).
+
+    Per-sample gradients need each rank to hold the full weights of the layer it scores; a
+    sharded parameter would silently produce partial Fisher scores.
+    """
+    for module in model.modules():
+        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or "FSDP" in type(module).__name__:
+            raise RuntimeError(_SHARDED_MESSAGE.format(what="FSDP"))
+    for param in model.parameters():
+        if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
+            raise RuntimeError(_SHARDED_MESSAGE.format(what="DeepSpeed ZeRO-3"))
+        if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
+            raise RuntimeError(_SHARDED_MESSAGE.format(what="DTensor-sharded parameters"))
+
+
+_SHARDED_MESSAGE = (
+    "FishIRD's Fisher pass needs full (unsharded) parameters, but this model uses {what}. Call "
+    "`peft_model.prepare(...)` before the model is wrapped/sharded (i.e. before building the Trainer or "
+    "calling accelerator.prepare), then train. DDP and DeepSpeed ZeRO-1/2 work after prepare."
+)

