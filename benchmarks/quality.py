@@ -117,6 +117,7 @@ class Experiment:
     keep_ratios: list[float]
     seeds: list[int]
     settings: dict[str, Any]
+    optional: bool = False  # run only when named with --experiments
 
     @property
     def settings_id(self) -> str:
@@ -179,6 +180,7 @@ def load_profile(config_path: Path, name: str) -> Profile:
                 tasks=list(spec["tasks"]), methods=list(spec["methods"]),
                 keep_ratios=[float(r) for r in spec["keep_ratios"]], seeds=[int(s) for s in spec["seeds"]],
                 settings=deep_merge(settings, spec.get("settings", {}), where),
+                optional=bool(spec.get("optional", False)),
             )
         )
     for exp in experiments:
@@ -223,6 +225,8 @@ def apply_flags(profile: Profile, args: argparse.Namespace) -> list[Experiment]:
         if unknown:
             raise BenchmarkError(f"--experiments: {unknown} not in profile {profile.name!r}; have {sorted(names)}.")
         experiments = [e for e in experiments if e.name in args.experiments]
+    else:
+        experiments = [e for e in experiments if not e.optional]
     if args.model:
         configured = {e.model for e in profile.experiments}
         if args.model in configured:
@@ -443,16 +447,22 @@ def smollm2_folder() -> Path:
         import gguf  # noqa: F401
     except ImportError:
         raise BenchmarkError("SmolLM2 ships as GGUF; transformers needs `pip install gguf` to read it.") from None
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, filename = smollm2_gguf()
-    logger.info("converting %s (GGUF, de-quantized to float32) into %s", filename, folder)
+    logger.info("converting %s (GGUF Q4_1, de-quantized to float32) into %s", filename, folder)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype="float32")
+    # save_pretrained refuses GGUF-loaded models; the tensors are plain float32 after de-quantizing, so
+    # write them and a config without the GGUF marker. lm_head is tied to embed_tokens: not saved.
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))
     try:
-        model.save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder)  # same file system: the folder appears complete or not at all
     finally:

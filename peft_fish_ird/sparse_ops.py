@@ -86,10 +86,9 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         w_eff = _effective(weight, pattern.flat, w_values)
         b_eff = bias if (bias is None or b_idx is None) else _effective(bias, b_idx, b_values)
         if conv1d:
-            out = x.reshape(-1, x.shape[-1]) @ w_eff
+            x2 = x.reshape(-1, x.shape[-1])
+            out = x2 @ w_eff if b_eff is None else torch.addmm(b_eff, x2, w_eff)
             out = out.view(*x.shape[:-1], w_eff.shape[1])
-            if b_eff is not None:
-                out = out + b_eff
         else:
             out = F.linear(x, w_eff, b_eff)
         ctx.save_for_backward(x, weight, w_values, b_idx)
@@ -102,8 +101,8 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         pattern, conv1d = ctx.pattern, ctx.conv1d
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_eff = _effective(weight, pattern.flat, w_values)
-            grad_x = grad_out @ (w_eff.t() if conv1d else w_eff)
+            w_eff = _effective(weight, pattern.flat, w_values).to(grad_out.dtype)  # autocast: grads may be bf16
+            grad_x = (grad_out @ (w_eff.t() if conv1d else w_eff)).to(x.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[4]:

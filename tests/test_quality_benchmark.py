@@ -30,19 +30,36 @@ report = _load("report_quality", REPO / "benchmarks" / "report_quality.py")
 # ------------------------------------------------------------------------------------------ planning
 def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
     profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
-    cells = [c for c, _ in quality.plan(profile.experiments)]
+    cells = [c for c, _ in quality.plan(quality.apply_flags(profile, quality.parse_args([])))]
     keys = [c.key for c in cells]
     assert len(keys) == len(set(keys))  # main and sweep share cells; each runs once
     minilm = [c for c in cells if c.model == "minilm"]
-    for task in quality.OFFLINE_TASKS:
+
+    def seeds(task, method, ratio):
+        return {c.seed for c in minilm if (c.task, c.method, c.keep_ratio) == (task, method, ratio)}
+
+    for ratio in (0.002, 0.005):
         for method in quality.FISHIRD_METHODS + ("lora",):
-            for ratio in (0.002, 0.005):
-                assert {c.seed for c in minilm if (c.task, c.method, c.keep_ratio) == (task, method, ratio)} == {0, 1, 2}
-        assert {c.seed for c in minilm if (c.task, c.method) == (task, "full")} == {0, 1, 2}
-        assert all(c.keep_ratio is None for c in minilm if c.method == "full")
+            assert seeds("movie", method, ratio) == {0, 1, 2}
+        for task in ("tweets", "rotten_tomatoes"):
+            for method in ("fish", "ird", "random", "lora"):
+                assert seeds(task, method, ratio) == {0, 1, 2}
+    for task in quality.OFFLINE_TASKS:
+        assert seeds(task, "full", None) == {0, 1, 2}
     sweep = {c.keep_ratio for c in minilm if c.task == "movie" and c.method in ("fish", "ird", "lora")}
     assert sweep == {0.0005, 0.001, 0.002, 0.005, 0.01}
     assert {c.method for c in cells if c.model == "smollm2" and c.task == "movie"} >= {"fish", "ird", "lora"}
+
+
+def test_optional_experiments_run_only_when_named():
+    profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
+    args = quality.parse_args(["--experiments", "tasks_ird_controls"])
+    cells = [c for c, _ in quality.plan(quality.apply_flags(profile, args))]
+    assert {(c.task, c.method) for c in cells} == {
+        (t, m) for t in ("tweets", "rotten_tomatoes") for m in ("ird_reverse", "ird_random")
+    }
+    default = quality.apply_flags(profile, quality.parse_args([]))
+    assert "tasks_ird_controls" not in {e.name for e in default}
 
 
 def test_flags_replace_lists_and_filter_experiments():

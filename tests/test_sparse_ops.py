@@ -107,3 +107,18 @@ def test_layout_is_rebuilt_when_indices_change():
     layer(x)
     assert layer._layout_cache["default"][1] is not first
     assert isinstance(layer._layout_cache["default"][1], sparse_ops.MatrixPattern)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(24, 64), (3, 7, 24)), (lambda: Conv1D(64, 24), (3, 7, 24))],
+                         ids=["linear", "conv1d"])
+def test_fast_path_under_cpu_autocast_matches_reference(make, shape):
+    layer = _module(make(), 0.01)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    for fast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_run(layer, x, fast))
+    (fo, fx, fg), (so, sx, sg) = results
+    assert fo.dtype == so.dtype and fx.dtype == torch.float32
+    assert _close(fo, so, 2e-2) and _close(fx, sx, 2e-2)
+    assert all(_close(fg[k], sg[k], 3e-2) for k in sg)
