@@ -733,7 +733,7 @@ def run_cell(cell: Cell, exp: Experiment, ctx: Context) -> dict[str, Any]:
     """Build, select, train and evaluate one cell; returns its JSON record."""
     import peft_fish_ird  # noqa: F401  (registers FishIRD with PEFT)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     data = ctx.task_data(exp, cell.task)
     location, tokenizer = ctx.location(exp), ctx.tokenizer(exp)
     base = load_model(location, data.num_labels, tokenizer, cell.seed, ctx.device)
@@ -757,7 +757,9 @@ def run_cell(cell: Cell, exp: Experiment, ctx: Context) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 3), "eval_seconds": round(time.perf_counter() - eval_start, 3),
         "n_train": len(data.train), "n_selection": len(data.selection), "n_test": len(data.test),
         **info, "selection_seconds": round(info["selection_seconds"], 3),
-        "run_seconds": round(time.perf_counter() - start, 3), "settings": exp.settings, "env": environment(),
+        "run_seconds": round(time.perf_counter() - start, 3),
+        "cpu_seconds": round(time.process_time() - cpu_start, 3),  # about threads x run_seconds when not contended
+        "settings": exp.settings, "env": environment(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     del model, base

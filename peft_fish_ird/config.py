@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -166,6 +167,10 @@ class FishIRDConfig(PeftConfig):
             )
         },
     )
+    fishird_version: Optional[str] = field(
+        default=None,
+        metadata={"help": "peft_fish_ird version that wrote this config (filled in automatically)."},
+    )
     target_parameters: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Not supported by FishIRD (PEFT's LoRA-only option); must stay None."},
@@ -174,6 +179,10 @@ class FishIRDConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = FishIRDPeftType.FISH_IRD
+        if self.fishird_version is None:
+            from . import __version__
+
+            self.fishird_version = __version__
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -181,6 +190,15 @@ class FishIRDConfig(PeftConfig):
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
             self.modules_to_save = list(self.modules_to_save)
         self._validate()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """Load a saved config; warns when a newer peft_fish_ird wrote it. Marks it as read from disk,
+        so loading can tell a config from the same folder as the weights from a live one."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        _warn_if_newer(config.fishird_version)
+        config._fishird_loaded = True
+        return config
 
     def _validate(self) -> None:
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
@@ -234,3 +252,18 @@ class FishIRDConfig(PeftConfig):
 def _check_fraction(name: str, value: object, example: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"{name}={value!r} is out of range: it must be strictly between 0 and 1, {example}.")
+
+
+def _warn_if_newer(saved: Optional[str]) -> None:
+    from . import __version__
+
+    def parse(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
+
+    if saved and parse(saved) > parse(__version__):
+        warnings.warn(
+            f"This adapter was saved by peft_fish_ird {saved}, newer than the installed {__version__}: settings it "
+            "added are ignored and loading may fail. Upgrade with `pip install -U peft-fish-ird`.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -38,7 +38,14 @@ def accepted_input_names(model: nn.Module) -> Optional[set[str]]:
 def _keep_model_columns(example: Mapping[str, Any], accepted: Optional[set[str]]) -> dict[str, Any]:
     if accepted is None:
         return dict(example)
-    return {k: v for k, v in example.items() if k in accepted or k in LABEL_KEYS}
+    kept = {k: v for k, v in example.items() if k in accepted or k in LABEL_KEYS}
+    if not any(k not in LABEL_KEYS for k in kept):
+        raise ValueError(
+            f"The examples have keys {sorted(example)}, none of which the model takes as input. Tokenize the text "
+            f"first (e.g. `dataset.map(lambda b: tokenizer(b['text']), batched=True)`); the model accepts "
+            f"{sorted(n for n in accepted if n in ('input_ids', 'attention_mask', 'token_type_ids', 'inputs_embeds', 'position_ids'))}."
+        )
+    return kept
 
 
 def _normalise_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -144,6 +151,13 @@ def _example(data: Any, index: int) -> Mapping[str, Any]:
 
 
 def _from_loader(loader: DataLoader, num_samples: int) -> FisherBatches:
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
+        logger.warning(
+            "prepare() got a shuffling DataLoader without a seeded generator: the Fisher samples (and the mask) will "
+            "differ between runs. Pass the dataset itself (drawn with config.seed), or "
+            "DataLoader(..., generator=torch.Generator().manual_seed(seed))."
+        )
     batches, seen = [], 0
     for batch in loader:
         batch = _normalise_labels(batch)
@@ -164,3 +178,17 @@ def _from_loader(loader: DataLoader, num_samples: int) -> FisherBatches:
 
 def move_to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def check_sequence_length(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse batches longer than the model's position table (an opaque IndexError otherwise)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for batch in batches:
+        ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 2 and ids.shape[1] > limit:
+            raise ValueError(
+                f"A Fisher batch has sequences of {ids.shape[1]} tokens, but the model handles at most {limit} "
+                f"(config.max_position_embeddings). Tokenize with truncation=True, max_length={limit}."
+            )

@@ -151,6 +151,7 @@ class FishIRDLayer(BaseTunerLayer):
                         f"parameter has only {numel} entries: the adapter was trained on a base model with "
                         "different shapes. Load it onto the base model it was trained with."
                     )
+                _checked_indices(idx, numel, where)
                 if self.values(name)[adapter_name].shape != vals.shape:
                     self.set_entries(adapter_name, name, idx.to(torch.int64))
                 self.fishird_prepared[adapter_name] = True
@@ -181,6 +182,8 @@ class FishIRDLayer(BaseTunerLayer):
         for adapter in adapter_names:
             if adapter not in self.fishird_prepared:
                 continue
+            if not self.fishird_prepared[adapter]:
+                raise UnpreparedAdapterError(unprepared_message(adapter))
             backups = {}
             for name in self.base_param_names():
                 base_param = getattr(self.get_base_layer(), name)

@@ -9,6 +9,7 @@ records what it did. ``PeftModel`` forwards unknown attributes to the tuner, so 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from torch import nn
 from . import __version__, distributed
 from .config import FishIRDConfig
 from .config import IRD_SELECTIONS
-from .data import collate_indices, fisher_batches, move_to, require_indexable, seeded_permutation
+from .data import check_sequence_length, collate_indices, fisher_batches, move_to, require_indexable, seeded_permutation
 from .evaluation import MaskedFineTuneScorer, isolated_candidate
 from .fisher import compute_fisher
 from .ird import IRDRound, IRDSettings, iterative_range_decreasing, schedule
@@ -63,6 +64,8 @@ class FishIRDModel(BaseTuner):
                     "FishIRD found no supported module (Linear, Embedding, LayerNorm, Conv1D) outside "
                     "`modules_to_save`; pass `target_modules` explicitly."
                 )
+        else:
+            check_targets_match(model, peft_config)
         if peft_config.selection_record is not None:
             check_record_shapes(model, peft_config.selection_record)
 
@@ -103,8 +106,8 @@ class FishIRDModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = dict(state_dict)
         record = state_dict.pop(RECORD_KEY, None)
-        if record is not None and getattr(config, "selection_record", None) is None:
-            config.selection_record = json.loads(bytes(record.tolist()).decode())
+        if record is not None:
+            reconcile_records(config, json.loads(bytes(record.tolist()).decode()), mask_fingerprint_of_checkpoint(state_dict))
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     # ------------------------------------------------------------------ state
@@ -236,6 +239,7 @@ class FishIRDModel(BaseTuner):
             scoring_seconds=round(outcome.scoring_seconds, 3),
             selection_samples=outcome.selection_samples,
             settings=job.settings_summary(evaluator),
+            mask_sha256=mask_fingerprint(outcome.masks),
         )
         config.selection_record = record.to_dict()
         logger.info(
@@ -247,6 +251,11 @@ class FishIRDModel(BaseTuner):
     def _check_can_prepare(self, adapter: str, layers: dict[str, FishIRDLayer], overwrite: bool) -> None:
         if not layers:
             raise ValueError(f"Adapter {adapter!r} targets no module; check `target_modules`.")
+        if self.peft_config[adapter].selection_record is not None:
+            logger.warning(
+                "prepare() replaces adapter %r's existing mask: its values tensors are new objects, so an optimizer "
+                "built before this call is stale - build it (or the Trainer's) again.", adapter
+            )
         if any(layer.merged for layer in layers.values()):
             raise RuntimeError("Cannot prepare while adapters are merged: call `unmerge_adapter()` first.")
         trained = any(
@@ -313,8 +322,81 @@ def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list
     return [n for n in names if n not in tied]
 
 
+def check_targets_match(model: nn.Module, config: FishIRDConfig) -> None:
+    """Explicit ``target_modules`` must match at least one module; the error lists what exists."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if any(check_target_module_exists(config, name) for name, _ in model.named_modules() if name):
+        return
+    supported = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and is_supported_layer(m)})
+    raise ValueError(
+        f"target_modules={config.target_modules!r} matches no module of this model. Supported modules here end in: "
+        f"{supported}. Use such names (suffixes match), a regex, or leave target_modules=None for all of them."
+    )
+
+
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def mask_fingerprint(masks: dict[str, torch.Tensor]) -> str:
+    """sha256 over ``"<module>.<param>"`` names and their int64 indices: identifies a mask."""
+    digest = hashlib.sha256()
+    for key in sorted(masks):
+        digest.update(key.encode())
+        digest.update(masks[key].to(torch.int64).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def mask_fingerprint_of_checkpoint(state_dict: dict[str, torch.Tensor]) -> str:
+    """The fingerprint of the indices stored in a checkpoint's state dict."""
+    masks = {}
+    for key, value in state_dict.items():
+        for param in ("weight", "bias"):
+            suffix = f".fishird_{param}_indices"
+            if key.endswith(suffix):
+                module = key[: -len(suffix)].removeprefix("base_model.model.")
+                masks[f"{module}.{param}"] = value
+    return mask_fingerprint(masks)
+
+
+def reconcile_records(config: FishIRDConfig, weights_record: dict[str, Any], weights_fingerprint: str) -> None:
+    """Check the weights file against its own record and against the config it is loaded with.
+
+    * The indices must match the fingerprint the weights file carries (else it is corrupt).
+    * A config read from the same folder must describe the same mask (else config and weights come
+      from different saves, e.g. an interrupted save into an existing folder).
+    * A live config (HF Trainer resume into an existing adapter) takes the checkpoint's record.
+    """
+    saved = weights_record.get("mask_sha256")
+    if saved and saved != weights_fingerprint:
+        raise ValueError(
+            "The adapter weights file is corrupt: its indices do not match the mask fingerprint stored with them. "
+            "Re-save the adapter from the trained model."
+        )
+    current = config.selection_record
+    if current is None:
+        config.selection_record = weights_record
+        return
+    if current.get("mask_sha256") == saved:
+        return
+    if getattr(config, "_fishird_loaded", False):
+        raise ValueError(
+            "adapter_config.json and adapter_model.safetensors in this folder describe different masks: they come "
+            "from different saves (was a save interrupted?). Save the adapter again from the trained model."
+        )
+    logger.warning("Loaded checkpoint has a different mask than the adapter's current one; using the checkpoint's.")
+    config.selection_record = weights_record
+
+
+def check_some_information(scores: dict[str, torch.Tensor]) -> None:
+    """All-zero Fisher scores carry no ranking (e.g. a loss that does not depend on the targets)."""
+    if all(not bool(s.any()) for s in scores.values()):
+        raise ValueError(
+            "Every Fisher score is zero: the loss does not depend on the targeted parameters for these samples "
+            "(e.g. a dead head, constant labels with a saturated loss, or targets outside the loss's path). A mask "
+            "chosen from zeros would be arbitrary; check the model outputs and labels, or use selection='random'."
+        )
 
 
 def check_record_shapes(model: nn.Module, record: dict[str, Any]) -> None:
@@ -403,6 +485,7 @@ class _PrepareJob:
         return out
 
     def _fisher(self, batches: list[dict[str, Any]], ranges: Optional[dict[str, torch.Tensor]], desc: str):
+        check_sequence_length(self.tuner.model, batches)
         batches = [move_to(b, self.device) for b in batches]
         with adapters_disabled([*self.layers.values(), *self.tuner._head_wrappers()]):
             return compute_fisher(
@@ -416,6 +499,7 @@ class _PrepareJob:
             batch_size=self.batch_size, data_collator=self.collator,
         )
         result = self._fisher(drawn.batches, None, "FISH Fisher")
+        check_some_information(result.scores)
         masks = select(result.scores, k, self.config.budget)
         trace = [IRDRound(1, result.num_samples, sum(s.numel() for s in result.scores.values()), None, round(result.seconds, 3))]
         return _Outcome(masks, drawn.sample_indices, result.scores, trace, 1, result.num_samples, result.seconds)

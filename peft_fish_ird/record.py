@@ -43,6 +43,7 @@ class SelectionRecord:
     scoring_seconds: float = 0.0
     selection_samples: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    mask_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -20,6 +20,11 @@ def sparse_budget(total_params: int, head_params: int, keep_ratio: float, head_i
     This is the FISH reference's ``keep_num``. Raises when nothing would be left for the mask.
     """
     k = int(total_params * keep_ratio) - (head_params if head_in_budget else 0)
+    if int(total_params * keep_ratio) < 1:
+        raise ValueError(
+            f"keep_ratio={keep_ratio} of {total_params} parameters is less than one entry: raise keep_ratio "
+            f"to at least {1 / total_params:.2e}."
+        )
     if k <= 0:
         raise ValueError(
             f"keep_ratio={keep_ratio} of {total_params} parameters gives {int(total_params * keep_ratio)} "
