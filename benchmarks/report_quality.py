@@ -264,6 +264,7 @@ def plot_accuracy(records: list[Record], title: str, path: Path) -> None:
 def plot_traces(records: list[Record], title: str, path: Path) -> bool:
     """IRD search traces: candidate score per round, one line per run, a star on the chosen round."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = [r for r in records if r["method"] in IRD_VARIANTS and r.get("selection", {}).get("trace")]
     ratios = sorted({r["keep_ratio"] for r in runs})
@@ -284,6 +285,7 @@ def plot_traces(records: list[Record], title: str, path: Path) -> bool:
         ax.legend(unique.values(), unique.keys(), fontsize=7)
         ax.set_title(f"{ratio_label(ratio)}", fontsize=9)
         ax.set_xlabel("round (sample range halves)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("selection score (higher is better)")
     fig.suptitle(title, fontsize=10)

@@ -173,6 +173,7 @@ class _Sink:
         width = row_grads.shape[1]
         sq = row_grads.square()
         self.engine.scores[key].view(-1, width).index_add_(0, rows, sq)
+        self.engine.touched_rows.setdefault(key, (width, []))[1].append(rows)
         mask = self.engine.masks.get(key)
         per_row = (sq * mask.view(-1, width)[rows]).sum(1) if mask is not None else sq.sum(1)
         self.engine.batch_sample_scores.index_add_(0, samples, per_row)
@@ -290,18 +291,35 @@ class _FisherHooks:
         self.anchor = torch.zeros((), requires_grad=True)
 
     def begin_batch(self, batch_size: int, device: torch.device) -> None:
-        """Zero the float32 per-batch sums (a batch's contribution never depends on earlier batches)."""
+        """Start a batch; the float32 per-batch sums are zero here (``end_batch`` leaves them so), so a
+        batch's contribution never depends on earlier batches."""
         self.batch_size = batch_size
         self.batch_sample_scores = torch.zeros(batch_size, dtype=torch.float32, device=device)
         self.calls = dict.fromkeys(self.targets, 0)
         self.anchor = torch.zeros((), requires_grad=True, device=device)
-        for partial in self.scores.values():
-            partial.zero_()
+        self.touched_rows: dict[str, tuple[int, list[torch.Tensor]]] = {}
 
     def end_batch(self) -> None:
-        """Add the batch's float32 sums into the float64 totals."""
+        """Move the batch's float32 sums into the float64 totals and zero them for the next batch.
+
+        Row-sparse sums (embeddings) move only the rows the batch touched.
+        """
         for key, partial in self.scores.items():
-            self.totals[key].add_(partial)
+            touched = self.touched_rows.get(key)
+            if touched is None:
+                self.totals[key].add_(partial)
+                partial.zero_()
+                continue
+            width, row_lists = touched
+            rows = torch.unique(torch.cat(row_lists))
+            table = partial.view(-1, width)
+            self.totals[key].view(-1, width).index_add_(0, rows, table[rows].double())
+            table[rows] = 0.0
+
+    def discard_batch(self) -> None:
+        """Forget a batch's partial sums (a non-finite batch is not added)."""
+        for partial in self.scores.values():
+            partial.zero_()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["_FisherHooks"]:
@@ -444,6 +462,7 @@ def compute_fisher(
                 bad = _first_non_finite(hooks.batch_sample_scores)
             if bad is not None:  # keep going so every rank reaches the collectives below
                 first_bad[0] = min(int(first_bad[0]), offsets[i] + bad)
+                hooks.discard_batch()
                 continue
             hooks.end_batch()
             sample_scores[offsets[i] : offsets[i] + sizes[i]] = hooks.batch_sample_scores
