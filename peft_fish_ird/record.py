@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+import hashlib
+import logging
 from typing import Any
 
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
 from .ird import IRDRound
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,3 +69,74 @@ class SelectionRecord:
     def trainable_entries(self) -> int:
         """Sparse entries in the mask (the head, trained densely, is extra)."""
         return sum(self.entries_per_param.values())
+
+
+def mask_fingerprint(masks: dict[str, torch.Tensor]) -> str:
+    """sha256 over ``"<module>.<param>"`` names and their int64 indices: identifies a mask."""
+    digest = hashlib.sha256()
+    for key in sorted(masks):
+        digest.update(key.encode())
+        digest.update(masks[key].to(torch.int64).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def mask_fingerprint_of_checkpoint(state_dict: dict[str, torch.Tensor]) -> str:
+    """The fingerprint of the indices stored in a checkpoint's state dict."""
+    masks = {}
+    for key, value in state_dict.items():
+        for param in ("weight", "bias"):
+            suffix = f".fishird_{param}_indices"
+            if key.endswith(suffix):
+                module = key[: -len(suffix)].removeprefix("base_model.model.")
+                masks[f"{module}.{param}"] = value
+    return mask_fingerprint(masks)
+
+
+def reconcile_records(config: Any, weights_record: dict[str, Any], weights_fingerprint: str) -> None:
+    """Check the weights file against its own record and against the config it is loaded with.
+
+    * The indices must match the fingerprint the weights file carries (else it is corrupt).
+    * A config read from the same folder must describe the same mask (else config and weights come
+      from different saves, e.g. an interrupted save into an existing folder).
+    * A live config (HF Trainer resume into an existing adapter) takes the checkpoint's record.
+    """
+    saved = weights_record.get("mask_sha256")
+    if saved and saved != weights_fingerprint:
+        raise ValueError(
+            "The adapter weights file is corrupt: its indices do not match the mask fingerprint stored with them. "
+            "Re-save the adapter from the trained model."
+        )
+    current = config.selection_record
+    if current is None:
+        config.selection_record = weights_record
+        return
+    if current.get("mask_sha256") == saved:
+        return
+    if getattr(config, "_fishird_loaded", False):
+        raise ValueError(
+            "adapter_config.json and adapter_model.safetensors in this folder describe different masks: they come "
+            "from different saves (was a save interrupted?). Save the adapter again from the trained model."
+        )
+    logger.warning("Loaded checkpoint has a different mask than the adapter's current one; using the checkpoint's.")
+    config.selection_record = weights_record
+
+
+def check_record_shapes(model: nn.Module, record: dict[str, Any]) -> None:
+    """Fail early, with the parameter named, when a saved mask does not fit this base model."""
+    for key, shape in record.get("shapes", {}).items():
+        module_name, param_name = key.rsplit(".", 1)
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise ValueError(
+                f"The FishIRD adapter was made for a model with a module {module_name!r}, which this base model "
+                "lacks: load the adapter onto the base model it was trained with."
+            ) from None
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        param = getattr(module, param_name, None)
+        if param is None or list(param.shape) != list(shape):
+            raise ValueError(
+                f"The FishIRD adapter expects {key} of shape {list(shape)}, but this base model has "
+                f"{None if param is None else list(param.shape)}: load it onto the base model it was trained with."
+            )

@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 
-import peft_fish_ird.model as model_module
+import peft_fish_ird.prepare as prepare_module
 from peft_fish_ird.fisher import FisherResult
 from peft_fish_ird.ird import IRDSettings, iterative_range_decreasing, schedule
 from peft_fish_ird.layer import FishIRDLayer
@@ -189,7 +189,7 @@ def test_each_candidate_starts_from_the_pretrained_state(monkeypatch):
     head_before = {k: v.clone() for k, v in head.modules_to_save["default"].state_dict().items()}
     base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "fishird_" not in k}
     snapshots = []
-    original = model_module.MaskedFineTuneScorer.__call__
+    original = prepare_module.MaskedFineTuneScorer.__call__
 
     def spy(self):
         values = [p.detach().clone() for n, p in model.named_parameters() if "fishird_" in n]
@@ -197,7 +197,7 @@ def test_each_candidate_starts_from_the_pretrained_state(monkeypatch):
                           all(torch.equal(v, head_before[k]) for k, v in head.modules_to_save["default"].state_dict().items())))
         return original(self)
 
-    monkeypatch.setattr(model_module.MaskedFineTuneScorer, "__call__", spy)
+    monkeypatch.setattr(prepare_module.MaskedFineTuneScorer, "__call__", spy)
     rng = torch.get_rng_state()
     model.prepare(EXAMPLES, data_collator=pad_collate, progress=False)
     assert len(snapshots) == 4 and all(zero and head_same for zero, head_same in snapshots)
@@ -229,13 +229,13 @@ def test_user_evaluator_changes_are_undone_between_candidates():
 
 def test_selection_split_is_disjoint_from_fisher_pool_and_evaluator_training(monkeypatch):
     captured = {}
-    original_init = model_module.MaskedFineTuneScorer.__init__
+    original_init = prepare_module.MaskedFineTuneScorer.__init__
 
     def spy(self, model, trainable, train_batches, selection_batches, **kw):
         captured["train"], captured["selection"] = train_batches, selection_batches
         original_init(self, model, trainable, train_batches, selection_batches, **kw)
 
-    monkeypatch.setattr(model_module.MaskedFineTuneScorer, "__init__", spy)
+    monkeypatch.setattr(prepare_module.MaskedFineTuneScorer, "__init__", spy)
     model = _ird()
     rec = model.prepare(EXAMPLES, data_collator=pad_collate, progress=False)
 
