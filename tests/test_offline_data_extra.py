@@ -44,7 +44,9 @@ def test_rotten_tomatoes_loads_from_an_explicit_cache_directory(tmp_path, review
 
 def test_rotten_tomatoes_mostly_repeats_the_hutto_movie_sentences(reviews):
     # documents why the two tasks are not independent: same Pang & Lee snippets, labels from another source
-    norm = lambda s: "".join(c for c in s.lower() if c.isalnum())  # noqa: E731
+    def norm(text):
+        return "".join(c for c in text.lower() if c.isalnum())
+
     movie = {norm(r.text): r.label for r in load_hutto("movie")}
     shared = [(r.label, movie[norm(r.text)]) for r in reviews if norm(r.text) in movie]
     assert len(shared) > 10000
