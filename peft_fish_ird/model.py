@@ -93,7 +93,10 @@ class FishIRDModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        if getattr(config, "selection_record", None) is None:
+        layers_ready = all(
+            m.fishird_prepared.get(adapter_name, True) for m in model.modules() if isinstance(m, FishIRDLayer)
+        )
+        if getattr(config, "selection_record", None) is None or not layers_ready:
             raise UnpreparedAdapterError(unprepared_message(adapter_name))
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # The record also travels in the weights file: HF Trainer's resume loads only the weights

@@ -276,3 +276,12 @@ def test_same_mask_across_cpu_thread_counts(tmp_path):
         assert done.returncode == 0, done.stderr
     a, b = torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "2.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_loaded_config_alone_does_not_make_an_adapter_prepared(tmp_path):
+    """A config read from disk carries a record, but the layers still have no entries."""
+    model = prepared_tiny_bert()
+    model.save_pretrained(tmp_path / "a")
+    fresh = get_peft_model(tiny_bert(), FishIRDConfig.from_pretrained(tmp_path / "a"))
+    with pytest.raises(UnpreparedAdapterError):
+        fresh.save_pretrained(tmp_path / "b")
