@@ -21,6 +21,7 @@ from .fisher import (
     LossFn,
     batch_size_of,
     class_log_probs,
+    frozen_eval,
     output_logits,
     per_sample_losses,
 )
@@ -48,20 +49,11 @@ def unpad_sample(batch: Mapping[str, Any], index: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _only_grad_for(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    try:
-        model.eval()
-        for p in flags:
-            p.requires_grad_(False)
+    """Eval mode with gradients for ``params`` only; everything restored on exit."""
+    with frozen_eval(model):
         for p in params:
             p.requires_grad_(True)
         yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
 
 
 def fisher_loop(
