@@ -196,7 +196,6 @@ class FishIRDLayer(BaseTunerLayer):
                 flat[idx] = new_vals
             self._merge_backups[adapter] = backups
             self.merged_adapters.append(adapter)
-            getattr(self, "_layout_cache", {}).clear()  # base tensors changed through .data
 
     def unmerge(self) -> None:
         """Undo ``merge``: restore the overwritten base entries exactly (not by subtraction)."""
@@ -209,7 +208,6 @@ class FishIRDLayer(BaseTunerLayer):
             for name, backup in backups.items():
                 flat = getattr(self.get_base_layer(), name).data.view(-1)
                 flat[self.indices(name)[adapter]] = backup
-        getattr(self, "_layout_cache", {}).clear()
 
 
 class FishIRDModule(nn.Module, FishIRDLayer):

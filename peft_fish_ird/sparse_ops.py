@@ -7,8 +7,7 @@ gradient is ``(A^T B)[r_e, c_e]`` (Linear: A = grad_out, B = x; Conv1D: A = x, B
 a sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm``) evaluated only at the
 selected positions, with the CSR pattern oriented so its rows run along the larger dimension.
 Above ``DENSE_GRAD_DENSITY`` the dense product plus a gather is faster and is used instead.
-The custom function saves only x; the effective weight lives in a cache that each forward
-updates at the k selected entries only.
+The custom function saves only x (the effective weight is rebuilt in backward, a cheap copy).
 
 Embedding: ``W0[ids] + D[pos(ids)]`` where D is a compact table holding only the rows that
 have entries (plus a zero row), so neither forward nor backward touches a vocab-sized delta.
@@ -41,8 +40,6 @@ class MatrixPattern:
     crow: torch.Tensor = field(default=None, repr=False)
     col: torch.Tensor = field(default=None, repr=False)
     order: Optional[torch.Tensor] = field(default=None, repr=False)
-    _buffer: Optional[torch.Tensor] = field(default=None, repr=False)
-    _source: tuple = field(default=(), repr=False)
 
     @classmethod
     def build(cls, flat: torch.Tensor, rows: int, cols: int) -> "MatrixPattern":
@@ -56,20 +53,6 @@ class MatrixPattern:
         crow = torch.zeros(n_lead + 1, dtype=torch.int64, device=flat.device)
         crow[1:] = torch.bincount(lead, minlength=n_lead).cumsum(0)
         return cls(flat, rows, cols, transposed, crow, other.contiguous(), order)
-
-    def effective(self, weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``W0 + scatter(values)`` held in a persistent buffer: each call rewrites only the k
-        selected entries (O(k)) instead of copying the whole weight. The buffer is rebuilt when the
-        base weight is replaced, moved, cast or modified in place (its version counter); writes
-        through ``.data`` bypass that counter, so ``merge``/``unmerge`` drop the cache themselves."""
-        source = (id(weight), weight._version, weight.device, weight.dtype)
-        if self._buffer is None or self._source != source:
-            self._buffer = weight.detach().clone()
-            self._source = source
-        with torch.no_grad():
-            base = weight.detach().reshape(-1)[self.flat]
-            self._buffer.view(-1).index_copy_(0, self.flat, base + values.detach().to(weight.dtype))
-        return self._buffer
 
     @property
     def density(self) -> float:
@@ -100,7 +83,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, pattern, w_values, b_idx, b_values, conv1d):  # noqa: D401
-        w_eff = pattern.effective(weight, w_values)
+        w_eff = _effective(weight, pattern.flat, w_values)
         b_eff = bias if (bias is None or b_idx is None) else _effective(bias, b_idx, b_values)
         if conv1d:
             x2 = x.reshape(-1, x.shape[-1])
@@ -108,19 +91,17 @@ class _SparseDeltaMatmul(torch.autograd.Function):
             out = out.view(*x.shape[:-1], w_eff.shape[1])
         else:
             out = F.linear(x, w_eff, b_eff)
-        ctx.save_for_backward(x, w_values, b_idx)
-        # the effective weight is not saved for autograd's version check: it is a cache whose
-        # selected entries are rewritten (with the same values) by every forward
-        ctx.pattern, ctx.conv1d, ctx.w_eff = pattern, conv1d, w_eff
+        ctx.save_for_backward(x, weight, w_values, b_idx)
+        ctx.pattern, ctx.conv1d = pattern, conv1d
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_values, b_idx = ctx.saved_tensors
+        x, weight, w_values, b_idx = ctx.saved_tensors
         pattern, conv1d = ctx.pattern, ctx.conv1d
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_eff = ctx.w_eff.to(grad_out.dtype)  # autocast: grads may be bf16
+            w_eff = _effective(weight, pattern.flat, w_values).to(grad_out.dtype)  # autocast: grads may be bf16
             grad_x = (grad_out @ (w_eff.t() if conv1d else w_eff)).to(x.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])

@@ -122,25 +122,3 @@ def test_fast_path_under_cpu_autocast_matches_reference(make, shape):
     assert fo.dtype == so.dtype and fx.dtype == torch.float32
     assert _close(fo, so, 2e-2) and _close(fx, sx, 2e-2)
     assert all(_close(fg[k], sg[k], 3e-2) for k in sg)
-
-
-def test_effective_weight_cache_follows_changes_of_the_base_weight():
-    layer = _module(nn.Linear(16, 32), 0.1)
-    x = torch.randn(3, 16)
-    before = layer(x).detach()
-    with torch.no_grad():
-        layer.base_layer.weight.add_(0.5)  # in-place change: the cache must be rebuilt
-    layer.use_fast_path = False
-    expected = layer(x).detach()
-    layer.use_fast_path = True
-    assert torch.allclose(layer(x).detach(), expected, atol=1e-6) and not torch.allclose(expected, before)
-
-
-def test_merge_and_unmerge_do_not_leave_a_stale_effective_weight():
-    layer = _module(nn.Linear(16, 32), 0.1)
-    layer.eval()
-    x = torch.randn(3, 16)
-    before = layer(x).detach()
-    layer.merge()
-    layer.unmerge()
-    assert torch.equal(layer(x).detach(), before)
