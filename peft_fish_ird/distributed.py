@@ -101,7 +101,8 @@ def check_not_sharded(model: nn.Module) -> None:
     sharded parameter would silently produce partial Fisher scores.
     """
     for module in model.modules():
-        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or "FSDP" in type(module).__name__:
+        name = type(module).__name__  # FSDP1 wrapper, or FSDP2's FSDPModule / FSDP<Class> after fully_shard
+        if name == "FullyShardedDataParallel" or "FSDP" in name:
             raise RuntimeError(_SHARDED_MESSAGE.format(what="FSDP"))
     for param in model.parameters():
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):

@@ -45,13 +45,11 @@ def isolated_candidate(
 def _snapshot(module: nn.Module) -> dict[str, Any]:
     params = {name: (p, p.detach().clone(), p.requires_grad) for name, p in module.named_parameters(recurse=True)}
     buffers = {name: b.clone() for name, b in module.named_buffers(recurse=True)}
-    flags = dict(getattr(module, "fishird_prepared", {}))
-    containers = {}
-    for attr in ("fishird_weight_values", "fishird_bias_values", "fishird_weight_indices", "fishird_bias_indices"):
-        container = getattr(module, attr, None)
-        if container is not None:
-            containers[attr] = dict(container.items())
-    return {"params": params, "buffers": buffers, "flags": flags, "containers": containers}
+    # a tuner layer's per-adapter containers (values, indices, prepared flags): the names PEFT's
+    # layer contract declares; their entries are swapped back whole, Parameter objects included
+    names = getattr(module, "adapter_layer_names", ()) + getattr(module, "other_param_names", ())
+    containers = {attr: dict(getattr(module, attr).items()) for attr in names}
+    return {"params": params, "buffers": buffers, "containers": containers}
 
 
 def _restore(module: nn.Module, snap: dict[str, Any]) -> None:
@@ -69,9 +67,6 @@ def _restore(module: nn.Module, snap: dict[str, Any]) -> None:
         for name, value in snap["buffers"].items():
             if name in live and live[name].shape == value.shape:
                 live[name].copy_(value)
-    if snap["flags"]:
-        module.fishird_prepared.clear()
-        module.fishird_prepared.update(snap["flags"])
 
 
 class MaskedFineTuneScorer:

@@ -135,7 +135,6 @@ def sparse_delta_matmul(
 class EmbeddingRows:
     """Compact-row layout of an embedding's entries: which rows have entries, and where each entry sits."""
 
-    flat: torch.Tensor
     lookup: torch.Tensor  # vocab -> row position in the compact table (last row: zeros)
     row_pos: torch.Tensor
     col: torch.Tensor
@@ -150,7 +149,7 @@ class EmbeddingRows:
         lookup[unique_rows] = torch.arange(unique_rows.numel(), device=flat.device)
         # nn.Embedding gives the padding row no gradient; so does the compact table's copy of it
         padding_pos = None if padding_idx is None else int(lookup[padding_idx])
-        return cls(flat, lookup, row_pos, cols, unique_rows.numel(), padding_pos)
+        return cls(lookup, row_pos, cols, unique_rows.numel(), padding_pos)
 
 
 def sparse_delta_embedding(ids: torch.Tensor, base: nn.Embedding, rows: EmbeddingRows, values: torch.Tensor) -> torch.Tensor:
