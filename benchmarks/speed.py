@@ -13,6 +13,8 @@ What is measured (all-MiniLM-L6-v2, 64 tokens; methods interleaved, medians of -
   keep_ratio matched to LoRA r=8 on query/key/value/dense, vs LoRA, full fine-tuning, the FISH
   reference's dense masked gradients and PEFT's SHiRA. Peak RSS (or CUDA peak memory) per method
   in a fresh process; optimizer state bytes.
+* Values-gradient strategies: per Linear layer of the prepared model, the time of each way to form
+  the values' gradient vs the one the cost model picks (``sparse_ops.choose_strategy``).
 * IRD overhead: total Fisher time of an IRD search vs one FISH Fisher pass, scoring reported apart.
 * Adapter file size vs k x (4 + index bytes) + head bytes.
 """
@@ -314,6 +316,47 @@ def memory_worker(method: str, args) -> None:
     print(json.dumps({"method": method, "peak_bytes": peak}))
 
 
+# ----------------------------------------------------------------------------- values-gradient strategies
+def bench_strategies(args) -> dict[str, Any]:
+    """Per Linear layer of a prepared FishIRD model: the time of every way to form the values'
+    gradient (``sparse_ops.STRATEGIES``) at the training step's size, against the one the cost
+    model picks. Checks the cost model on real (clustered) Fisher masks."""
+    from peft_fish_ird import sparse_ops
+
+    device = args.device
+    keep_ratio, _ = matched_keep_ratio(device)
+    examples = as_examples(make_batches(64, 16, args.tokens, "cpu", seed=1))
+    model = build_method("fishird", device, keep_ratio, examples)[0]
+    n = 16 * args.tokens
+    g = torch.Generator(device=device).manual_seed(0)
+    layers = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, FishIRDLayer) and isinstance(m.get_base_layer(), torch.nn.Linear)):
+            continue
+        idx = m.indices("weight")["default"]
+        rows, cols = m.get_base_layer().weight.shape
+        a = torch.randn(n, rows, generator=g, device=device)
+        b = torch.randn(n, cols, generator=g, device=device)
+        patterns = {s: sparse_ops.MatrixPattern.build(idx, rows, cols, s) for s in sparse_ops.STRATEGIES}
+        fns = {s: (lambda p=p: p.sampled(a, b)) for s, p in patterns.items()}
+        med = {s: statistics.median(v) for s, v in interleaved(fns, args.repeats_strategy, device).items()}
+        r, c = idx // cols, idx % cols
+        layers.append({
+            "layer": name.removeprefix("base_model.model."), "shape": [rows, cols], "k": idx.numel(),
+            "used_rows": int(r.unique().numel()), "used_cols": int(c.unique().numel()),
+            "chosen": sparse_ops.MatrixPattern.build(idx, rows, cols).strategy,
+            "fastest": min(med, key=med.get), "seconds": med,
+        })
+    totals = {s: sum(layer["seconds"][s] for layer in layers) for s in sparse_ops.STRATEGIES}
+    totals["chosen"] = sum(layer["seconds"][layer["chosen"]] for layer in layers)
+    totals["fastest_per_layer"] = sum(min(layer["seconds"].values()) for layer in layers)
+    totals["density_rule"] = sum(  # the previous rule: SDDMM below 2% density, else dense
+        layer["seconds"]["sddmm" if layer["k"] < 0.02 * layer["shape"][0] * layer["shape"][1] else "dense"]
+        for layer in layers)
+    return {"rows_of_a_and_b": n, "layers": layers, "agree": sum(la["chosen"] == la["fastest"] for la in layers),
+            "total_seconds": totals}
+
+
 # ----------------------------------------------------------------------------- IRD, adapter size
 def bench_ird_and_size(args) -> dict[str, Any]:
     device = args.device
@@ -369,6 +412,16 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         lines.append(f"| {m} | {t['trainable'][m]:,} | {t['step_ratio_to_lora'][m]:.2f} | "
                      f"{t['peak_memory_ratio_to_lora'][m]:.2f} | {t['peak_memory_bytes'][m] / 2**20:.0f} | "
                      f"{t['optimizer_state_bytes'][m] / 2**20:.2f} |")
+    st = result.get("strategies")
+    if st:
+        tot = st["total_seconds"]
+        lines += ["", f"## Values gradient: strategy per layer ({len(st['layers'])} Linear layers, "
+                      f"a and b of {st['rows_of_a_and_b']} rows)", "",
+                  f"The cost model picked the fastest strategy for {st['agree']} of {len(st['layers'])} layers. "
+                  "Total time of all layers' values gradients:", "",
+                  "| strategy | ms | × the cost model's pick |", "|---|---|---|"]
+        for key in ("chosen", "fastest_per_layer", "density_rule", "sddmm", "dense", "rows", "cols"):
+            lines.append(f"| {key} | {tot[key] * 1e3:.2f} | {tot[key] / tot['chosen']:.2f} |")
     ird, ad = result["ird_and_size"]["ird"], result["ird_and_size"]["adapter"]
     lines += ["", "## IRD overhead and adapter size", "",
               f"IRD over {ird['num_samples']} samples, {ird['rounds']} rounds, {ird['per_sample_gradients']} per-sample "
@@ -411,6 +464,7 @@ def main() -> None:
     p.add_argument("--fisher-batch", type=int, default=32)
     p.add_argument("--repeats-fisher", type=int, default=3)
     p.add_argument("--repeats-train", type=int, default=7)
+    p.add_argument("--repeats-strategy", type=int, default=7)
     p.add_argument("--ird-samples", type=int, default=128)
     p.add_argument("--ird-eval-steps", type=int, default=10)
     p.add_argument("--skip-loop", action="store_true", help="skip the batch-size-1 Fisher loop")
@@ -423,6 +477,7 @@ def main() -> None:
     result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "environment": environment(args.device)}
     result["fisher"] = bench_fisher(args)
     result["training"] = bench_training(args)
+    result["strategies"] = bench_strategies(args)
     result["ird_and_size"] = bench_ird_and_size(args)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

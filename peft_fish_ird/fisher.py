@@ -129,17 +129,18 @@ class _Sink:
         sq = per_sample_grad.square_()
         self.engine.scores[key].add_(sq.sum(0))
         mask = self.engine.masks.get(key)
-        per_sample = sq @ mask if mask is not None else sq.sum(1)
-        self.engine.batch_sample_scores.add_(per_sample)
+        self.engine.batch_sample_scores.add_(sq @ mask if mask is not None else sq.sum(1))
 
     def matrix(self, param_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Per-sample gradient ``a[n]^T b[n]`` (rows x cols) for ``a`` (B, T, rows), ``b`` (B, T, cols).
 
         Large weights: one GEMM per sample, squared and accumulated by a fused ``addcmul_``. Small
         ones: blocks of rows for all samples (``MATRIX_CHUNK_ELEMENTS``), squared and summed while
-        in cache. Never the whole ``B x rows x cols`` tensor (choices measured in benchmarks/speed). Unrestricted
-        per-sample scores use ``||a^T b||_F^2 = sum((a a^T) * (b b^T))``, which needs no pass over
-        the per-sample gradients at all.
+        in cache. Never the whole ``B x rows x cols`` tensor. Per-sample scores are read off the
+        same blocks while they are in cache; the Gram identity ``||a^T b||^2 = sum((a a^T) * (b b^T))``
+        avoids that pass but costs ``B T^2 (rows + cols)`` multiply-adds, more than the blocks' own
+        ``B rows cols`` squares for any T above ~16 (at 64 tokens it was most of the engine's
+        overhead over a plain pass).
         """
         key = f"{self.module_name}.{param_name}"
         batch, rows, cols = a.shape[0], a.shape[2], b.shape[2]
@@ -153,18 +154,19 @@ class _Sink:
             for n in range(batch):
                 block = a_t[n] @ b[n]
                 scores.addcmul_(block, block)
-                if mask is not None:
-                    per_sample[n] = torch.dot(block.square_().reshape(-1), mask.reshape(-1))
+                flat = block.reshape(-1)
+                if mask is None:
+                    per_sample[n] = torch.dot(flat, flat)
+                else:
+                    per_sample[n] = torch.dot(flat.square_(), mask.reshape(-1))
         else:
             step = max(1, MATRIX_CHUNK_ELEMENTS // (batch * cols))
             for start in range(0, rows, step):
                 block = torch.bmm(a_t[:, start : start + step], b)
                 block.square_()
                 scores[start : start + step].add_(block.sum(0))
-                if mask is not None:
-                    per_sample.add_(block.reshape(batch, -1) @ mask[start : start + step].reshape(-1))
-        if mask is None:
-            per_sample = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
+                flat = block.reshape(batch, -1)
+                per_sample.add_(flat @ mask[start : start + step].reshape(-1) if mask is not None else flat.sum(1))
         self.engine.batch_sample_scores.add_(per_sample)
 
     def rows(self, param_name: str, samples: torch.Tensor, rows: torch.Tensor, row_grads: torch.Tensor) -> None:
@@ -237,9 +239,7 @@ def _layer_norm_rule(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor, sin
         width *= d
     x3 = x.reshape(b, -1, width).float()
     g3 = g.reshape(b, -1, width).float()
-    mean = x3.mean(-1, keepdim=True)
-    var = x3.var(-1, unbiased=False, keepdim=True)
-    x_hat = (x3 - mean) * torch.rsqrt(var + module.eps)
+    x_hat = F.layer_norm(x3, (width,), eps=module.eps)  # the normalised input, one fused kernel
     if module.weight is not None:
         sink.dense("weight", (g3 * x_hat).sum(1))
     if module.bias is not None:

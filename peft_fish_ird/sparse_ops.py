@@ -4,10 +4,11 @@ Training the values vector needs, per step, the input gradient and the gradient 
 - never the dense weight gradient that autograd would form for ``W0 + scatter(values)``. For a
 matrix weight M (``nn.Linear``: ``y = x M^T``; GPT-2 ``Conv1D``: ``y = x M``) the values'
 gradient is ``(A^T B)[r_e, c_e]`` (Linear: A = grad_out, B = x; Conv1D: A = x, B = grad_out),
-a sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm``) evaluated only at the
-selected positions, with the CSR pattern oriented so its rows run along the larger dimension.
-Above ``DENSE_GRAD_DENSITY`` the dense product plus a gather is faster and is used instead.
-The custom function saves only x (the effective weight is rebuilt in backward, a cheap copy).
+formed only where needed: per layer, the cheapest of a dense product plus a gather, a product
+over only the rows or columns that hold entries plus a gather (Fisher masks cluster in few
+columns), or a sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm``) evaluated
+only at the selected positions; ``choose_strategy`` decides from the pattern's shape.
+The custom function saves x and the step's effective weight (needed for the input gradient).
 
 Embedding: ``W0[ids] + D[pos(ids)]`` where D is a compact table holding only the rows that
 have entries (plus a zero row), so neither forward nor backward touches a vocab-sized delta.
@@ -26,24 +27,72 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DENSE_GRAD_DENSITY = 0.02  # measured break-even of SDDMM vs dense GEMM + gather (benchmarks/speed.py)
+# Cost model of the values' gradient, in units of one dense-GEMM output (fitted to the real
+# MiniLM masks on this CPU; `python benchmarks/speed.py` reports how often it picks the fastest).
+SDDMM_COST_PER_ENTRY = 3.0  # sampled_addmm: per selected entry
+SDDMM_COST_PER_LINE = 110.0  # sampled_addmm: per row of the larger dimension (a transposed copy, CSR walk)
+SUBSET_COST_FACTOR = 1.3  # a product over gathered rows/columns, plus the gather of its result
+STRATEGIES = ("dense", "rows", "cols", "sddmm")
+
+
+def gradient_costs(k: int, rows: int, cols: int, used_rows: int, used_cols: int) -> dict[str, float]:
+    """Estimated cost, in dense-GEMM output entries, of each way to form the values' gradient.
+
+    * ``dense``: the whole ``a^T b`` product, then a gather;
+    * ``rows`` / ``cols``: the product over only the rows / columns that hold entries, then a
+      gather. Fisher masks cluster hard (BERT's outlier input features put a query layer's
+      entries in 1-14 of 384 columns), so this is often a small fraction of the dense product;
+    * ``sddmm``: ``torch.sparse.sampled_addmm`` at the k entries.
+    """
+    return {
+        "dense": float(rows * cols),
+        "rows": SUBSET_COST_FACTOR * used_rows * cols,
+        "cols": SUBSET_COST_FACTOR * rows * used_cols,
+        "sddmm": SDDMM_COST_PER_ENTRY * k + SDDMM_COST_PER_LINE * max(rows, cols),
+    }
+
+
+def choose_strategy(k: int, rows: int, cols: int, used_rows: int, used_cols: int) -> str:
+    """The cheapest entry of ``gradient_costs`` (ties: the order of ``STRATEGIES``)."""
+    costs = gradient_costs(k, rows, cols, used_rows, used_cols)
+    return min(STRATEGIES, key=lambda name: costs[name])
 
 
 @dataclass
 class MatrixPattern:
-    """CSR layout of a set of entries of a (rows x cols) matrix, in the orientation SDDMM prefers."""
+    """Where the entries of a (rows x cols) matrix sit, laid out for the chosen gradient strategy.
+
+    ``sub``: the rows (``rows`` strategy) or columns (``cols``) that hold entries; ``gather``: each
+    entry's position in the flattened product the strategy forms; ``crow``/``col``/``order``: the
+    CSR pattern for ``sddmm``, oriented so its rows run along the larger dimension.
+    """
 
     flat: torch.Tensor
     rows: int
     cols: int
+    strategy: str
+    sub: Optional[torch.Tensor] = field(default=None, repr=False)
+    gather: Optional[torch.Tensor] = field(default=None, repr=False)
     transposed: bool = False
-    crow: torch.Tensor = field(default=None, repr=False)
-    col: torch.Tensor = field(default=None, repr=False)
+    crow: Optional[torch.Tensor] = field(default=None, repr=False)
+    col: Optional[torch.Tensor] = field(default=None, repr=False)
     order: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, flat: torch.Tensor, rows: int, cols: int) -> "MatrixPattern":
+    def build(cls, flat: torch.Tensor, rows: int, cols: int, strategy: Optional[str] = None) -> "MatrixPattern":
         r, c = flat // cols, flat % cols
+        used_rows, row_pos = torch.unique(r, return_inverse=True)
+        used_cols, col_pos = torch.unique(c, return_inverse=True)
+        if strategy is None:
+            strategy = choose_strategy(flat.numel(), rows, cols, used_rows.numel(), used_cols.numel())
+        elif strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGIES}.")
+        if strategy == "dense":
+            return cls(flat, rows, cols, strategy, gather=flat)
+        if strategy == "rows":
+            return cls(flat, rows, cols, strategy, sub=used_rows, gather=row_pos * cols + c)
+        if strategy == "cols":
+            return cls(flat, rows, cols, strategy, sub=used_cols, gather=r * used_cols.numel() + col_pos)
         transposed = rows < cols
         if transposed:  # pattern of M^T: its rows are M's columns
             order = torch.argsort(c * rows + r)
@@ -52,16 +101,16 @@ class MatrixPattern:
             order, lead, other, n_lead = None, r, c, rows
         crow = torch.zeros(n_lead + 1, dtype=torch.int64, device=flat.device)
         crow[1:] = torch.bincount(lead, minlength=n_lead).cumsum(0)
-        return cls(flat, rows, cols, transposed, crow, other.contiguous(), order)
-
-    @property
-    def density(self) -> float:
-        return self.flat.numel() / float(self.rows * self.cols)
+        return cls(flat, rows, cols, strategy, transposed=transposed, crow=crow, col=other.contiguous(), order=order)
 
     def sampled(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``(a^T b)`` at the pattern's entries, in ``flat`` order; a: (N, rows), b: (N, cols), float32."""
-        if self.density > DENSE_GRAD_DENSITY:
-            return (a.t() @ b).reshape(-1)[self.flat]
+        if self.strategy == "dense":
+            return (a.t() @ b).reshape(-1)[self.gather]
+        if self.strategy == "rows":
+            return (a[:, self.sub].t() @ b).reshape(-1)[self.gather]
+        if self.strategy == "cols":
+            return (a.t() @ b[:, self.sub]).reshape(-1)[self.gather]
         k = self.flat.numel()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sparse CSR is a beta API in torch 2.13
@@ -91,17 +140,19 @@ class _SparseDeltaMatmul(torch.autograd.Function):
             out = out.view(*x.shape[:-1], w_eff.shape[1])
         else:
             out = F.linear(x, w_eff, b_eff)
-        ctx.save_for_backward(x, weight, w_values, b_idx)
+        # the input gradient needs M_eff: keeping this step's copy costs one weight of memory per
+        # layer until backward and saves rebuilding it (measured ~3% of a step, benchmarks/speed)
+        ctx.save_for_backward(x, w_eff if ctx.needs_input_grad[0] else None, w_values, b_idx)
         ctx.pattern, ctx.conv1d = pattern, conv1d
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, w_values, b_idx = ctx.saved_tensors
+        x, w_eff, w_values, b_idx = ctx.saved_tensors
         pattern, conv1d = ctx.pattern, ctx.conv1d
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_eff = _effective(weight, pattern.flat, w_values).to(grad_out.dtype)  # autocast: grads may be bf16
+            w_eff = w_eff.to(grad_out.dtype)  # autocast: grads may be bf16
             grad_x = (grad_out @ (w_eff.t() if conv1d else w_eff)).to(x.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])

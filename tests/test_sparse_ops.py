@@ -54,9 +54,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("name, make, shape", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("density", [0.005, 0.01, 0.3], ids=["sddmm", "sddmm_1pct", "dense_grad"])
+@pytest.mark.parametrize("density", [0.005, 0.3], ids=["sparse", "dense"])
+@pytest.mark.parametrize("strategy", sparse_ops.STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matmul_fast_path_matches_reference(name, make, shape, density, dtype):
+def test_matmul_fast_path_matches_reference(name, make, shape, density, strategy, dtype, monkeypatch):
+    monkeypatch.setattr(sparse_ops, "choose_strategy", lambda *args: strategy)
     layer = _module(make().to(dtype), density)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     fast = _run(layer, x, True)
@@ -122,3 +124,42 @@ def test_fast_path_under_cpu_autocast_matches_reference(make, shape):
     assert fo.dtype == so.dtype and fx.dtype == torch.float32
     assert _close(fo, so, 2e-2) and _close(fx, sx, 2e-2)
     assert all(_close(fg[k], sg[k], 3e-2) for k in sg)
+
+
+def _clustered_columns(rows, cols, used_cols, per_col, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    chosen_cols = torch.randperm(cols, generator=g)[:used_cols]
+    flat = torch.cat([torch.randperm(rows, generator=g)[:per_col] * cols + c for c in chosen_cols])
+    return flat.sort().values
+
+
+def test_gradient_strategy_follows_where_the_entries_sit():
+    """Column-clustered masks (BERT's outlier features) get a product over those columns only;
+    scattered sparse masks get SDDMM; dense masks the full product; the transpose picks rows."""
+    clustered = _clustered_columns(384, 384, used_cols=4, per_col=100)
+    assert sparse_ops.MatrixPattern.build(clustered, 384, 384).strategy == "cols"
+    rows_clustered = (clustered % 384) * 384 + clustered // 384
+    assert sparse_ops.MatrixPattern.build(rows_clustered.sort().values, 384, 384).strategy == "rows"
+    scattered = torch.randperm(384 * 1536, generator=torch.Generator().manual_seed(1))[:500].sort().values
+    assert sparse_ops.MatrixPattern.build(scattered, 384, 1536).strategy == "sddmm"
+    dense = torch.randperm(384 * 384, generator=torch.Generator().manual_seed(2))[: 384 * 384 // 2].sort().values
+    assert sparse_ops.MatrixPattern.build(dense, 384, 384).strategy == "dense"
+
+
+def test_unknown_gradient_strategy_is_refused():
+    with pytest.raises(ValueError, match="strategy='csr'"):
+        sparse_ops.MatrixPattern.build(torch.tensor([0, 3]), 2, 2, strategy="csr")
+
+
+@pytest.mark.parametrize("strategy", ["rows", "cols"])
+def test_subset_strategies_match_the_dense_gather_on_clustered_masks(strategy):
+    flat = _clustered_columns(48, 40, used_cols=3, per_col=7)
+    if strategy == "rows":
+        flat = ((flat % 40) * 48 + flat // 40).sort().values  # the same shape of mask on a (40, 48) matrix
+        shape = (40, 48)
+    else:
+        shape = (48, 40)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(30, shape[0], generator=g), torch.randn(30, shape[1], generator=g)
+    fast = sparse_ops.MatrixPattern.build(flat, *shape, strategy=strategy).sampled(a, b)
+    assert torch.allclose(fast, (a.t() @ b).reshape(-1)[flat], rtol=1e-5, atol=1e-6)
