@@ -1,6 +1,6 @@
 """Speed and memory of FishIRD against its references, as ratios measured in one run.
 
-Command (CPU, ~6 minutes on 2 cores; writes benchmarks/results/speed.{json,md,png}):
+Command (CPU, ~10 minutes on 2 cores; writes benchmarks/results/speed.{json,md,png}):
     python benchmarks/speed.py
 On a GPU (absolute times meaningful there):
     python benchmarks/speed.py --device cuda --output benchmarks/results/speed_cuda
@@ -113,13 +113,18 @@ def timed(fn: Callable[[], Any], device: str) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, list[float]]:
-    """Time every function once per repeat, in turn, so machine drift hits all of them alike."""
+    """Time every function once per repeat, in turn, so machine drift hits all of them alike.
+
+    Repeat i starts the turn at function i (mod their number): no method always runs right after
+    the same other one (a method that frees a lot of memory slows the next one's allocations)."""
     for fn in fns.values():
         fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
+    names = list(fns)
+    times = {name: [] for name in names}
+    for i in range(repeats):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            times[name].append(timed(fns[name], device))
     return times
 
 
@@ -181,6 +186,10 @@ def bench_fisher(args) -> dict[str, Any]:
     out: dict[str, Any] = {
         "samples": args.fisher_samples, "batch": args.fisher_batch, "tokens": args.tokens,
         "seconds_median": med, "ratio_to_plain_pass": {k: v / med["plain_pass"] for k, v in med.items()},
+        "ratio_to_plain_pass_paired_quartiles": {
+            k: statistics.quantiles(sorted(a / b for a, b in zip(v, times["plain_pass"])), n=4) for k, v in times.items()
+        },
+        "seconds_all": times,
     }
     engine = results["engine"].scores
     k = int(0.005 * sum(p.numel() for p in model.parameters()))
@@ -272,12 +281,17 @@ def bench_training(args) -> dict[str, Any]:
     fns = {m: step_fn(model, opt, hook, batch) for m, (model, opt, hook, _) in built.items()}
     times = interleaved(fns, args.repeats_train, device)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # each repeat runs every method once in turn: a method's time over LoRA's in the same repeat
+    # cancels the machine's drift between repeats; their median and quartiles show the spread
+    paired = {k: sorted(a / b for a, b in zip(v, times["lora"])) for k, v in times.items()}
     out = {
         "batch": 16, "tokens": args.tokens, "keep_ratio": keep_ratio, "lora_trainable": lora_count,
         "trainable": {m: b[3] for m, b in built.items()},
         "optimizer_state_bytes": {m: optimizer_state_bytes(b[1]) for m, b in built.items()},
         "step_seconds_median": med,
         "step_ratio_to_lora": {k: v / med["lora"] for k, v in med.items()},
+        "step_ratio_to_lora_paired_quartiles": {k: statistics.quantiles(v, n=4) for k, v in paired.items()},
+        "step_seconds_all": times,
     }
     del built, fns
     out["peak_memory_bytes"] = {m: peak_memory(m, args) for m in TRAIN_METHODS}
@@ -397,19 +411,25 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     f, t = result["fisher"], result["training"]
     lines = ["# Speed and memory", "", f"Command: `{result['command']}`  ", f"Environment: {result['environment']}", "",
              f"## Fisher ({f['samples']} samples, batch {f['batch']}, {f['tokens']} tokens, all parameters)", "",
+             "× one plain pass: ratio of median times; in brackets the quartiles of the per-repeat ratios "
+             f"({len(f['seconds_all']['plain_pass'])} repeats, methods in turn).", "",
              "| method | seconds (median) | × one plain fwd+bwd pass |", "|---|---|---|"]
     for k, v in f["seconds_median"].items():
-        lines.append(f"| {k} | {v:.2f} | {f['ratio_to_plain_pass'][k]:.2f} |")
+        q = f["ratio_to_plain_pass_paired_quartiles"][k]
+        lines.append(f"| {k} | {v:.2f} | {f['ratio_to_plain_pass'][k]:.2f} [{q[0]:.2f}–{q[2]:.2f}] |")
     if "engine_max_rel_error_vs_loop" in f:
         lines += ["", f"Engine vs batch-size-1 loop: max relative error {f['engine_max_rel_error_vs_loop']:.1e}; "
                       f"top-0.5% mask identical: {f['top_0.5pct_mask_identical_to_loop']}; "
                       f"speed-up {f['engine_speedup_vs_loop']:.2f}x."]
     lines += ["", f"## Training step (batch {t['batch']}, {t['tokens']} tokens, AdamW; FishIRD keep_ratio "
                   f"{t['keep_ratio']:.5f} = LoRA r=8 count {t['lora_trainable']:,})", "",
+              "Step × LoRA: ratio of median step times; in brackets the quartiles of the per-repeat ratios "
+              f"(each of the {len(t['step_seconds_all']['lora'])} repeats times every method once, in turn).", "",
               "| method | trainable | step × LoRA | peak memory × LoRA | peak memory MB | optimizer state MB |",
               "|---|---|---|---|---|---|"]
     for m in TRAIN_METHODS:
-        lines.append(f"| {m} | {t['trainable'][m]:,} | {t['step_ratio_to_lora'][m]:.2f} | "
+        q = t["step_ratio_to_lora_paired_quartiles"][m]
+        lines.append(f"| {m} | {t['trainable'][m]:,} | {t['step_ratio_to_lora'][m]:.2f} [{q[0]:.2f}–{q[2]:.2f}] | "
                      f"{t['peak_memory_ratio_to_lora'][m]:.2f} | {t['peak_memory_bytes'][m] / 2**20:.0f} | "
                      f"{t['optimizer_state_bytes'][m] / 2**20:.2f} |")
     st = result.get("strategies")
@@ -462,8 +482,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--fisher-samples", type=int, default=128)
     p.add_argument("--fisher-batch", type=int, default=32)
-    p.add_argument("--repeats-fisher", type=int, default=3)
-    p.add_argument("--repeats-train", type=int, default=7)
+    p.add_argument("--repeats-fisher", type=int, default=5)
+    p.add_argument("--repeats-train", type=int, default=15)
     p.add_argument("--repeats-strategy", type=int, default=7)
     p.add_argument("--ird-samples", type=int, default=128)
     p.add_argument("--ird-eval-steps", type=int, default=10)

@@ -114,10 +114,11 @@ class MatrixPattern:
         k = self.flat.numel()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sparse CSR is a beta API in torch 2.13
+            # transposed views: sampled_addmm lays its operands out itself (an explicit copy was no faster)
             if not self.transposed:
-                shape, m1, m2 = (self.rows, self.cols), a.t().contiguous(), b
+                shape, m1, m2 = (self.rows, self.cols), a.t(), b
             else:
-                shape, m1, m2 = (self.cols, self.rows), b.t().contiguous(), a
+                shape, m1, m2 = (self.cols, self.rows), b.t(), a
             pattern = torch.sparse_csr_tensor(self.crow, self.col, torch.zeros(k, dtype=a.dtype, device=a.device), shape)
             values = torch.sparse.sampled_addmm(pattern, m1, m2, beta=0.0).values()
         if self.order is None:
