@@ -1,6 +1,6 @@
 """Speed and memory of FishIRD against its references, as ratios measured in one run.
 
-Command (CPU, ~10 minutes on 2 cores; writes benchmarks/results/speed.{json,md,png}):
+Command (CPU, ~4.5 minutes on 2 cores; writes benchmarks/results/speed.{json,md,png}):
     python benchmarks/speed.py
 On a GPU (absolute times meaningful there):
     python benchmarks/speed.py --device cuda --output benchmarks/results/speed_cuda
@@ -452,6 +452,13 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def _quartile_bars(ratios: dict[str, float], quartiles: Any, names: Any) -> Any:
+    """Error bars from the ratio down/up to the per-repeat quartiles (None when not measured)."""
+    if not quartiles:
+        return None
+    return [[max(0.0, ratios[n] - quartiles[n][0]) for n in names], [max(0.0, quartiles[n][2] - ratios[n]) for n in names]]
+
+
 def write_plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -461,13 +468,17 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     f, t = result["fisher"], result["training"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     names = list(f["ratio_to_plain_pass"])
-    axes[0].bar(names, [f["ratio_to_plain_pass"][n] for n in names], color="tab:blue")
+    axes[0].bar(names, [f["ratio_to_plain_pass"][n] for n in names], color="tab:blue",
+                yerr=_quartile_bars(f["ratio_to_plain_pass"], f.get("ratio_to_plain_pass_paired_quartiles"), names),
+                capsize=3)
     axes[0].axhline(1.2, color="red", ls="--", lw=1, label="target 1.2×")
     axes[0].set_title("Fisher time × one plain fwd+bwd pass")
     axes[0].legend()
+    quartiles = {"step_ratio_to_lora": t.get("step_ratio_to_lora_paired_quartiles")}
     for ax, key, title in ((axes[1], "step_ratio_to_lora", "training step time × LoRA"),
                            (axes[2], "peak_memory_ratio_to_lora", "peak memory × LoRA")):
-        ax.bar(list(TRAIN_METHODS), [t[key][m] for m in TRAIN_METHODS], color="tab:green")
+        ax.bar(list(TRAIN_METHODS), [t[key][m] for m in TRAIN_METHODS], color="tab:green",
+               yerr=_quartile_bars(t[key], quartiles.get(key), TRAIN_METHODS), capsize=3)
         ax.axhline(1.0, color="red", ls="--", lw=1)
         ax.set_title(title)
     for ax in axes:
@@ -489,17 +500,25 @@ def main() -> None:
     p.add_argument("--ird-eval-steps", type=int, default=10)
     p.add_argument("--skip-loop", action="store_true", help="skip the batch-size-1 Fisher loop")
     p.add_argument("--output", default="benchmarks/results/speed", help="path prefix of the .json/.md/.png results")
+    p.add_argument("--only-report", action="store_true", help="rebuild the .md and .png from the .json; measure nothing")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_worker:
         memory_worker(args.memory_worker, args)
+        return
+    out = Path(args.output)
+    if args.only_report:
+        if not out.with_suffix(".json").exists():
+            p.error(f"--only-report: {out.with_suffix('.json')} does not exist; run the benchmark first.")
+        result = json.loads(out.with_suffix(".json").read_text())
+        write_markdown(result, out.with_suffix(".md"))
+        write_plot(result, out.with_suffix(".png"))
         return
     result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "environment": environment(args.device)}
     result["fisher"] = bench_fisher(args)
     result["training"] = bench_training(args)
     result["strategies"] = bench_strategies(args)
     result["ird_and_size"] = bench_ird_and_size(args)
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out.with_suffix(".md"))

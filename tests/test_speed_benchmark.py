@@ -1,0 +1,57 @@
+"""The speed benchmark's bookkeeping (benchmarks/speed.py): rotated interleaving, paired-ratio
+quartiles in the report, and --only-report rebuilding tables and plot from the JSON alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "speed.py"
+COMMITTED = REPO / "benchmarks" / "results" / "speed.json"
+
+
+@pytest.fixture(scope="module")
+def speed():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        with warnings.catch_warnings():  # the script silences warnings at import: keep that out of the session
+            import speed as module
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_interleaving_rotates_which_method_runs_first(speed):
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    times = speed.interleaved(fns, repeats=3, device="cpu")
+    assert order[:3] == ["a", "b", "c"]  # warm-up
+    assert order[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_only_report_rebuilds_markdown_and_plot_from_the_json(tmp_path):
+    shutil.copy(COMMITTED, tmp_path / "speed.json")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--only-report", "--output", str(tmp_path / "speed")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    md = (tmp_path / "speed.md").read_text()
+    result = json.loads(COMMITTED.read_text())
+    q = result["training"]["step_ratio_to_lora_paired_quartiles"]["fishird"]
+    assert f"{result['training']['step_ratio_to_lora']['fishird']:.2f} [{q[0]:.2f}–{q[2]:.2f}]" in md
+    assert "Values gradient: strategy per layer" in md
+    assert (tmp_path / "speed.png").stat().st_size > 10_000
+
+
+def test_only_report_without_results_names_the_missing_file(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--only-report", "--output", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "none.json does not exist" in done.stderr
