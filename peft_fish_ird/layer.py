@@ -151,9 +151,9 @@ class FishIRDLayer(BaseTunerLayer):
                         f"parameter has only {numel} entries: the adapter was trained on a base model with "
                         "different shapes. Load it onto the base model it was trained with."
                     )
-                _checked_indices(idx, numel, where)
+                idx = state_dict[key_i] = _checked_indices(idx, numel, where)  # int64 in memory (saved as int32)
                 if self.values(name)[adapter_name].shape != vals.shape:
-                    self.set_entries(adapter_name, name, idx.to(torch.int64))
+                    self.set_entries(adapter_name, name, idx)
                 self.fishird_prepared[adapter_name] = True
 
     # ----------------------------------------------------------------- delta

@@ -36,6 +36,21 @@ logger = logging.getLogger(__name__)
 RECORD_KEY = "fishird_selection_record"  # uint8 JSON of the SelectionRecord in adapter_model.safetensors
 
 
+def compact_indices(indices: torch.Tensor) -> torch.Tensor:
+    """Entry indices as saved: int32 when every index fits (a parameter of < 2**31 entries), else int64.
+
+    At 8 bytes each, indices would be two thirds of an adapter file; loading widens them back to int64."""
+    if indices.numel() == 0 or int(indices.max()) < 2**31:
+        return indices.to(torch.int32)
+    return indices
+
+
+def _is_indices_key(key: str) -> bool:
+    """``...<module>.fishird_<param>_indices.<adapter>`` (the key still holds the adapter name)."""
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-2].startswith("fishird_") and parts[-2].endswith("_indices")
+
+
 class FishIRDModel(BaseTuner):
     """Sparse fine-tuning of Fisher-selected entries (FISH Mask; IRD selection).
 
@@ -99,6 +114,9 @@ class FishIRDModel(BaseTuner):
         if getattr(config, "selection_record", None) is None or not layers_ready:
             raise UnpreparedAdapterError(unprepared_message(adapter_name))
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for key, tensor in to_return.items():
+            if _is_indices_key(key):
+                to_return[key] = compact_indices(tensor)
         # The record also travels in the weights file: HF Trainer's resume loads only the weights
         # into an existing adapter, keeping its (possibly unprepared) config.
         to_return[RECORD_KEY] = torch.frombuffer(bytearray(json.dumps(config.selection_record).encode()), dtype=torch.uint8)

@@ -152,11 +152,13 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         x, w_eff, w_values, b_idx = ctx.saved_tensors
         pattern, conv1d = ctx.pattern, ctx.conv1d
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            w_eff = w_eff.to(grad_out.dtype)  # autocast: grads may be bf16
-            grad_x = (grad_out @ (w_eff.t() if conv1d else w_eff)).to(x.dtype)
+        # 2-D from here on: grad_out often arrives non-contiguous (attention's head permutes), and a
+        # 3-D non-contiguous matmul takes a batched path with the weight expanded per sample
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            w_eff = w_eff.to(grad_out.dtype)  # autocast: grads may be bf16
+            grad_x = (g2 @ (w_eff.t() if conv1d else w_eff)).view(*x.shape[:-1], -1).to(x.dtype)
         if ctx.needs_input_grad[4]:
             a, b = (x2, g2) if conv1d else (g2, x2)
             grad_w = pattern.sampled(a.float(), b.float()).to(w_values.dtype)

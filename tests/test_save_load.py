@@ -41,10 +41,37 @@ def test_saved_tensors_are_indices_and_values_of_size_k(saved):
     values = sum(t.numel() for k, t in tensors.items() if "_values" in k)
     indices = [t for k, t in tensors.items() if "_indices" in k]
     assert values == model.selection.k == sum(t.numel() for t in indices)
-    assert all(t.dtype == torch.int64 for t in indices)
+    assert all(t.dtype == torch.int32 for t in indices)  # every index fits: 4 bytes each on disk
     head = sum(t.numel() for k, t in tensors.items() if "classifier" in k)
     assert head == model.selection.head_params
     assert not any("base_layer" in k for k in tensors)
+
+
+def test_loaded_indices_are_int64_in_memory_again(saved):
+    path, model = saved
+    loaded = PeftModel.from_pretrained(tiny_bert(), path)
+    indices = {n: b for n, b in loaded.named_buffers() if "_indices" in n}
+    assert indices and all(b.dtype == torch.int64 for b in indices.values())
+    original = dict(model.named_buffers())
+    assert all(torch.equal(b, original[n]) for n, b in indices.items())
+
+
+def test_low_cpu_mem_usage_load_gives_identical_logits(saved):
+    path, _ = saved
+    expected = torch.load(path / "expected.pt")
+    loaded = PeftModel.from_pretrained(tiny_bert(), path, low_cpu_mem_usage=True)
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**expected["batch"]).logits, expected["logits"])
+    assert all(b.dtype == torch.int64 for n, b in loaded.named_buffers() if "_indices" in n)
+
+
+def test_indices_beyond_int32_are_saved_as_int64():
+    from peft_fish_ird.model import compact_indices
+
+    assert compact_indices(torch.tensor([0, 2**31 - 1])).dtype == torch.int32
+    assert compact_indices(torch.tensor([0, 2**31])).dtype == torch.int64
+    assert compact_indices(torch.zeros(0, dtype=torch.int64)).dtype == torch.int32
 
 
 def test_fresh_process_load_gives_identical_logits(saved):
