@@ -68,7 +68,9 @@ def load_model(device: str, eager: bool = False) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=2, **kwargs).to(device)
 
 
-def make_batches(n: int, batch: int, tokens: int, device: str, seed: int = 0, pad: bool = True) -> list[dict[str, torch.Tensor]]:
+def make_batches(
+    n: int, batch: int, tokens: int, device: str, seed: int = 0, pad: bool = True
+) -> list[dict[str, torch.Tensor]]:
     """Random token batches, with random right padding (lengths tokens/2..tokens) when ``pad``."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -76,7 +78,9 @@ def make_batches(n: int, batch: int, tokens: int, device: str, seed: int = 0, pa
         ids = torch.randint(1000, 29000, (batch, tokens), generator=g)
         lengths = torch.randint(tokens // 2, tokens + 1, (batch,), generator=g) if pad else torch.full((batch,), tokens)
         mask = (torch.arange(tokens)[None, :] < lengths[:, None]).long()
-        out.append({"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 2, (batch,), generator=g)})
+        out.append(
+            {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 2, (batch,), generator=g)}
+        )
     return [{k: v.to(device) for k, v in b.items()} for b in out]
 
 
@@ -85,8 +89,13 @@ def as_examples(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
     for b in batches:
         for i in range(b["input_ids"].shape[0]):
             keep = b["attention_mask"][i].bool()
-            rows.append({"input_ids": b["input_ids"][i][keep].tolist(), "attention_mask": [1] * int(keep.sum()),
-                         "labels": int(b["labels"][i])})
+            rows.append(
+                {
+                    "input_ids": b["input_ids"][i][keep].tolist(),
+                    "attention_mask": [1] * int(keep.sum()),
+                    "labels": int(b["labels"][i]),
+                }
+            )
     return rows
 
 
@@ -185,10 +194,14 @@ def bench_fisher(args) -> dict[str, Any]:
     times = interleaved(fns, args.repeats_fisher, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     out: dict[str, Any] = {
-        "samples": args.fisher_samples, "batch": args.fisher_batch, "tokens": args.tokens,
-        "seconds_median": med, "ratio_to_plain_pass": {k: v / med["plain_pass"] for k, v in med.items()},
+        "samples": args.fisher_samples,
+        "batch": args.fisher_batch,
+        "tokens": args.tokens,
+        "seconds_median": med,
+        "ratio_to_plain_pass": {k: v / med["plain_pass"] for k, v in med.items()},
         "ratio_to_plain_pass_paired_quartiles": {
-            k: statistics.quantiles(sorted(a / b for a, b in zip(v, times["plain_pass"])), n=4) for k, v in times.items()
+            k: statistics.quantiles(sorted(a / b for a, b in zip(v, times["plain_pass"])), n=4)
+            for k, v in times.items()
         },
         "seconds_all": times,
     }
@@ -199,10 +212,13 @@ def bench_fisher(args) -> dict[str, Any]:
         loop = results["loop"].scores
         scale = max(float(v.abs().max()) for v in loop.values())
         out["engine_max_rel_error_vs_loop"] = max(
-            float((engine[n].cpu() - loop[n].cpu()).abs().max()) / max(float(loop[n].abs().max()), 1e-9 * scale) for n in loop
+            float((engine[n].cpu() - loop[n].cpu()).abs().max()) / max(float(loop[n].abs().max()), 1e-9 * scale)
+            for n in loop
         )
         mask_loop = select({n: v.cpu() for n, v in loop.items()}, k)
-        out["top_0.5pct_mask_identical_to_loop"] = all(torch.equal(mask_engine[n].cpu(), mask_loop[n]) for n in mask_loop)
+        out["top_0.5pct_mask_identical_to_loop"] = all(
+            torch.equal(mask_engine[n].cpu(), mask_loop[n]) for n in mask_loop
+        )
         out["engine_speedup_vs_loop"] = med["loop_bs1"] / med["engine"]
     return out
 
@@ -217,7 +233,9 @@ def build_method(name: str, device: str, keep_ratio: float, examples: list[dict[
     elif name == "shira":
         model = get_peft_model(base, ShiraConfig(task_type="SEQ_CLS", r=8, target_modules=LORA_TARGETS))
     elif name in ("fishird", "fishird_reference"):
-        model = get_peft_model(base, FishIRDConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, num_samples=len(examples)))
+        model = get_peft_model(
+            base, FishIRDConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, num_samples=len(examples))
+        )
         model.prepare(examples, data_collator=collate, progress=False)
         for m in model.modules():
             if isinstance(m, FishIRDLayer):
@@ -225,7 +243,9 @@ def build_method(name: str, device: str, keep_ratio: float, examples: list[dict[
     elif name == "full":
         model = base
     elif name == "fish_dense_mask":
-        fish = get_peft_model(load_model(device), FishIRDConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, num_samples=len(examples)))
+        fish = get_peft_model(
+            load_model(device), FishIRDConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, num_samples=len(examples))
+        )
         fish.prepare(examples, data_collator=collate, progress=False)
         masks = {}
         for n, m in fish.base_model.model.named_modules():
@@ -242,6 +262,7 @@ def build_method(name: str, device: str, keep_ratio: float, examples: list[dict[
                 g = named[key].grad
                 if g is not None:
                     g.mul_(mask)
+
         del fish
     else:
         raise ValueError(name)
@@ -286,7 +307,10 @@ def bench_training(args) -> dict[str, Any]:
     # cancels the machine's drift between repeats; their median and quartiles show the spread
     paired = {k: sorted(a / b for a, b in zip(v, times["lora"])) for k, v in times.items()}
     out = {
-        "batch": 16, "tokens": args.tokens, "keep_ratio": keep_ratio, "lora_trainable": lora_count,
+        "batch": 16,
+        "tokens": args.tokens,
+        "keep_ratio": keep_ratio,
+        "lora_trainable": lora_count,
         "trainable": {m: b[3] for m, b in built.items()},
         "optimizer_state_bytes": {m: optimizer_state_bytes(b[1]) for m, b in built.items()},
         "step_seconds_median": med,
@@ -296,7 +320,9 @@ def bench_training(args) -> dict[str, Any]:
     }
     del built, fns
     out["peak_memory_bytes"] = {m: peak_memory(m, args) for m in TRAIN_METHODS}
-    out["peak_memory_ratio_to_lora"] = {m: v / out["peak_memory_bytes"]["lora"] for m, v in out["peak_memory_bytes"].items()}
+    out["peak_memory_ratio_to_lora"] = {
+        m: v / out["peak_memory_bytes"]["lora"] for m, v in out["peak_memory_bytes"].items()
+    }
     return out
 
 
@@ -356,31 +382,52 @@ def bench_strategies(args) -> dict[str, Any]:
         fns = {s: (lambda p=p: p.sampled(a, b)) for s, p in patterns.items()}
         med = {s: statistics.median(v) for s, v in interleaved(fns, args.repeats_strategy, device).items()}
         r, c = idx // cols, idx % cols
-        layers.append({
-            "layer": name.removeprefix("base_model.model."), "shape": [rows, cols], "k": idx.numel(),
-            "used_rows": int(r.unique().numel()), "used_cols": int(c.unique().numel()),
-            "chosen": sparse_ops.MatrixPattern.build(idx, rows, cols).strategy,
-            "fastest": min(med, key=med.get), "seconds": med,
-        })
+        layers.append(
+            {
+                "layer": name.removeprefix("base_model.model."),
+                "shape": [rows, cols],
+                "k": idx.numel(),
+                "used_rows": int(r.unique().numel()),
+                "used_cols": int(c.unique().numel()),
+                "chosen": sparse_ops.MatrixPattern.build(idx, rows, cols).strategy,
+                "fastest": min(med, key=med.get),
+                "seconds": med,
+            }
+        )
     totals = {s: sum(layer["seconds"][s] for layer in layers) for s in sparse_ops.STRATEGIES}
     totals["chosen"] = sum(layer["seconds"][layer["chosen"]] for layer in layers)
     totals["fastest_per_layer"] = sum(min(layer["seconds"].values()) for layer in layers)
     totals["density_rule"] = sum(  # the previous rule: SDDMM below 2% density, else dense
         layer["seconds"]["sddmm" if layer["k"] < 0.02 * layer["shape"][0] * layer["shape"][1] else "dense"]
-        for layer in layers)
-    return {"rows_of_a_and_b": n, "layers": layers, "agree": sum(la["chosen"] == la["fastest"] for la in layers),
-            "total_seconds": totals}
+        for layer in layers
+    )
+    return {
+        "rows_of_a_and_b": n,
+        "layers": layers,
+        "agree": sum(la["chosen"] == la["fastest"] for la in layers),
+        "total_seconds": totals,
+    }
 
 
 # ----------------------------------------------------------------------------- IRD, adapter size
 def bench_ird_and_size(args) -> dict[str, Any]:
     device = args.device
     examples = as_examples(make_batches(args.ird_samples + 64, 16, args.tokens, "cpu", seed=3))
-    fish = get_peft_model(load_model(device), FishIRDConfig(task_type="SEQ_CLS", num_samples=args.ird_samples, fisher_batch_size=16))
+    fish = get_peft_model(
+        load_model(device), FishIRDConfig(task_type="SEQ_CLS", num_samples=args.ird_samples, fisher_batch_size=16)
+    )
     fish_rec = fish.prepare(examples, data_collator=collate, progress=False)
-    ird = get_peft_model(load_model(device), FishIRDConfig(
-        task_type="SEQ_CLS", selection="ird", num_samples=args.ird_samples, ird_min_samples=args.ird_samples // 8,
-        ird_eval_steps=args.ird_eval_steps, fisher_batch_size=16))
+    ird = get_peft_model(
+        load_model(device),
+        FishIRDConfig(
+            task_type="SEQ_CLS",
+            selection="ird",
+            num_samples=args.ird_samples,
+            ird_min_samples=args.ird_samples // 8,
+            ird_eval_steps=args.ird_eval_steps,
+            fisher_batch_size=16,
+        ),
+    )
     rec = ird.prepare(examples, data_collator=collate, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         fish.save_pretrained(tmp)
@@ -390,21 +437,38 @@ def bench_ird_and_size(args) -> dict[str, Any]:
     bound = fish_rec.k * (4 + index_bytes) + fish_rec.head_params * 4
     return {
         "ird": {
-            "num_samples": args.ird_samples, "rounds": len(rec.trace), "per_sample_gradients": rec.per_sample_gradients,
-            "fish_fisher_seconds": fish_rec.fisher_seconds, "ird_fisher_seconds": rec.fisher_seconds,
+            "num_samples": args.ird_samples,
+            "rounds": len(rec.trace),
+            "per_sample_gradients": rec.per_sample_gradients,
+            "fish_fisher_seconds": fish_rec.fisher_seconds,
+            "ird_fisher_seconds": rec.fisher_seconds,
             "ird_fisher_ratio_to_fish": rec.fisher_seconds / fish_rec.fisher_seconds,
-            "ird_scoring_seconds": rec.scoring_seconds, "ird_total_seconds": rec.seconds,
+            "ird_scoring_seconds": rec.scoring_seconds,
+            "ird_total_seconds": rec.seconds,
             "trace": [list(r) for r in rec.trace],
         },
-        "adapter": {"k": fish_rec.k, "head_params": fish_rec.head_params, "file_bytes": size, "index_bytes": index_bytes,
-                    "bound_bytes": bound, "ratio_to_bound": size / bound},
+        "adapter": {
+            "k": fish_rec.k,
+            "head_params": fish_rec.head_params,
+            "file_bytes": size,
+            "index_bytes": index_bytes,
+            "bound_bytes": bound,
+            "ratio_to_bound": size / bound,
+        },
     }
 
 
 # ----------------------------------------------------------------------------- report
 def environment(device: str) -> dict[str, Any]:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": device}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -412,47 +476,78 @@ def environment(device: str) -> dict[str, Any]:
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     f, t = result["fisher"], result["training"]
-    lines = ["# Speed and memory", "", f"Command: `{result['command']}`  ", f"Environment: {result['environment']}", "",
-             f"## Fisher ({f['samples']} samples, batch {f['batch']}, {f['tokens']} tokens, all parameters)", "",
-             "× one plain pass: ratio of median times; in brackets the quartiles of the per-repeat ratios "
-             f"({len(f['seconds_all']['plain_pass'])} repeats, methods in turn).", "",
-             "| method | seconds (median) | × one plain fwd+bwd pass |", "|---|---|---|"]
+    lines = [
+        "# Speed and memory",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Environment: {result['environment']}",
+        "",
+        f"## Fisher ({f['samples']} samples, batch {f['batch']}, {f['tokens']} tokens, all parameters)",
+        "",
+        "× one plain pass: ratio of median times; in brackets the quartiles of the per-repeat ratios "
+        f"({len(f['seconds_all']['plain_pass'])} repeats, methods in turn).",
+        "",
+        "| method | seconds (median) | × one plain fwd+bwd pass |",
+        "|---|---|---|",
+    ]
     for k, v in f["seconds_median"].items():
         q = f["ratio_to_plain_pass_paired_quartiles"][k]
         lines.append(f"| {k} | {v:.2f} | {f['ratio_to_plain_pass'][k]:.2f} [{q[0]:.2f}–{q[2]:.2f}] |")
     if "engine_max_rel_error_vs_loop" in f:
-        lines += ["", f"Engine vs batch-size-1 loop: max relative error {f['engine_max_rel_error_vs_loop']:.1e}; "
-                      f"top-0.5% mask identical: {f['top_0.5pct_mask_identical_to_loop']}; "
-                      f"speed-up {f['engine_speedup_vs_loop']:.2f}x."]
-    lines += ["", f"## Training step (batch {t['batch']}, {t['tokens']} tokens, AdamW; FishIRD keep_ratio "
-                  f"{t['keep_ratio']:.5f} = LoRA r=8 count {t['lora_trainable']:,})", "",
-              "Step × LoRA: ratio of median step times; in brackets the quartiles of the per-repeat ratios "
-              f"(each of the {len(t['step_seconds_all']['lora'])} repeats times every method once, in turn).", "",
-              "| method | trainable | step × LoRA | peak memory × LoRA | peak memory MB | optimizer state MB |",
-              "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Engine vs batch-size-1 loop: max relative error {f['engine_max_rel_error_vs_loop']:.1e}; "
+            f"top-0.5% mask identical: {f['top_0.5pct_mask_identical_to_loop']}; "
+            f"speed-up {f['engine_speedup_vs_loop']:.2f}x.",
+        ]
+    lines += [
+        "",
+        f"## Training step (batch {t['batch']}, {t['tokens']} tokens, AdamW; FishIRD keep_ratio "
+        f"{t['keep_ratio']:.5f} = LoRA r=8 count {t['lora_trainable']:,})",
+        "",
+        "Step × LoRA: ratio of median step times; in brackets the quartiles of the per-repeat ratios "
+        f"(each of the {len(t['step_seconds_all']['lora'])} repeats times every method once, in turn).",
+        "",
+        "| method | trainable | step × LoRA | peak memory × LoRA | peak memory MB | optimizer state MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in TRAIN_METHODS:
         q = t["step_ratio_to_lora_paired_quartiles"][m]
-        lines.append(f"| {m} | {t['trainable'][m]:,} | {t['step_ratio_to_lora'][m]:.2f} [{q[0]:.2f}–{q[2]:.2f}] | "
-                     f"{t['peak_memory_ratio_to_lora'][m]:.2f} | {t['peak_memory_bytes'][m] / 2**20:.0f} | "
-                     f"{t['optimizer_state_bytes'][m] / 2**20:.2f} |")
+        lines.append(
+            f"| {m} | {t['trainable'][m]:,} | {t['step_ratio_to_lora'][m]:.2f} [{q[0]:.2f}–{q[2]:.2f}] | "
+            f"{t['peak_memory_ratio_to_lora'][m]:.2f} | {t['peak_memory_bytes'][m] / 2**20:.0f} | "
+            f"{t['optimizer_state_bytes'][m] / 2**20:.2f} |"
+        )
     st = result.get("strategies")
     if st:
         tot = st["total_seconds"]
-        lines += ["", f"## Values gradient: strategy per layer ({len(st['layers'])} Linear layers, "
-                      f"a and b of {st['rows_of_a_and_b']} rows)", "",
-                  f"The cost model picked the fastest strategy for {st['agree']} of {len(st['layers'])} layers. "
-                  "Total time of all layers' values gradients:", "",
-                  "| strategy | ms | × the cost model's pick |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Values gradient: strategy per layer ({len(st['layers'])} Linear layers, "
+            f"a and b of {st['rows_of_a_and_b']} rows)",
+            "",
+            f"The cost model picked the fastest strategy for {st['agree']} of {len(st['layers'])} layers. "
+            "Total time of all layers' values gradients:",
+            "",
+            "| strategy | ms | × the cost model's pick |",
+            "|---|---|---|",
+        ]
         for key in ("chosen", "fastest_per_layer", "density_rule", "sddmm", "dense", "rows", "cols"):
             lines.append(f"| {key} | {tot[key] * 1e3:.2f} | {tot[key] / tot['chosen']:.2f} |")
     ird, ad = result["ird_and_size"]["ird"], result["ird_and_size"]["adapter"]
-    lines += ["", "## IRD overhead and adapter size", "",
-              f"IRD over {ird['num_samples']} samples, {ird['rounds']} rounds, {ird['per_sample_gradients']} per-sample "
-              f"gradients: Fisher time {ird['ird_fisher_ratio_to_fish']:.2f}× one FISH Fisher pass; scoring (built-in "
-              f"evaluator) {ird['ird_scoring_seconds']:.1f} s on top.", "",
-              f"Adapter file: {ad['file_bytes']:,} bytes for k = {ad['k']:,} entries + {ad['head_params']} head "
-              f"parameters = {ad['ratio_to_bound']:.3f}× k·(4+{ad.get('index_bytes', 8)}) + head·4 "
-              f"({ad.get('index_bytes', 8)}-byte indices).", ""]
+    lines += [
+        "",
+        "## IRD overhead and adapter size",
+        "",
+        f"IRD over {ird['num_samples']} samples, {ird['rounds']} rounds, {ird['per_sample_gradients']} per-sample "
+        f"gradients: Fisher time {ird['ird_fisher_ratio_to_fish']:.2f}× one FISH Fisher pass; scoring (built-in "
+        f"evaluator) {ird['ird_scoring_seconds']:.1f} s on top.",
+        "",
+        f"Adapter file: {ad['file_bytes']:,} bytes for k = {ad['k']:,} entries + {ad['head_params']} head "
+        f"parameters = {ad['ratio_to_bound']:.3f}× k·(4+{ad.get('index_bytes', 8)}) + head·4 "
+        f"({ad.get('index_bytes', 8)}-byte indices).",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -460,7 +555,10 @@ def _quartile_bars(ratios: dict[str, float], quartiles: Any, names: Any) -> Any:
     """Error bars from the ratio down/up to the per-repeat quartiles (None when not measured)."""
     if not quartiles:
         return None
-    return [[max(0.0, ratios[n] - quartiles[n][0]) for n in names], [max(0.0, quartiles[n][2] - ratios[n]) for n in names]]
+    return [
+        [max(0.0, ratios[n] - quartiles[n][0]) for n in names],
+        [max(0.0, quartiles[n][2] - ratios[n]) for n in names],
+    ]
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
@@ -472,17 +570,28 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     f, t = result["fisher"], result["training"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     names = list(f["ratio_to_plain_pass"])
-    axes[0].bar(names, [f["ratio_to_plain_pass"][n] for n in names], color="tab:blue",
-                yerr=_quartile_bars(f["ratio_to_plain_pass"], f.get("ratio_to_plain_pass_paired_quartiles"), names),
-                capsize=3)
+    axes[0].bar(
+        names,
+        [f["ratio_to_plain_pass"][n] for n in names],
+        color="tab:blue",
+        yerr=_quartile_bars(f["ratio_to_plain_pass"], f.get("ratio_to_plain_pass_paired_quartiles"), names),
+        capsize=3,
+    )
     axes[0].axhline(1.2, color="red", ls="--", lw=1, label="target 1.2×")
     axes[0].set_title("Fisher time × one plain fwd+bwd pass")
     axes[0].legend()
     quartiles = {"step_ratio_to_lora": t.get("step_ratio_to_lora_paired_quartiles")}
-    for ax, key, title in ((axes[1], "step_ratio_to_lora", "training step time × LoRA"),
-                           (axes[2], "peak_memory_ratio_to_lora", "peak memory × LoRA")):
-        ax.bar(list(TRAIN_METHODS), [t[key][m] for m in TRAIN_METHODS], color="tab:green",
-               yerr=_quartile_bars(t[key], quartiles.get(key), TRAIN_METHODS), capsize=3)
+    for ax, key, title in (
+        (axes[1], "step_ratio_to_lora", "training step time × LoRA"),
+        (axes[2], "peak_memory_ratio_to_lora", "peak memory × LoRA"),
+    ):
+        ax.bar(
+            list(TRAIN_METHODS),
+            [t[key][m] for m in TRAIN_METHODS],
+            color="tab:green",
+            yerr=_quartile_bars(t[key], quartiles.get(key), TRAIN_METHODS),
+            capsize=3,
+        )
         ax.axhline(1.0, color="red", ls="--", lw=1)
         ax.set_title(title)
     for ax in axes:
@@ -504,7 +613,9 @@ def main() -> None:
     p.add_argument("--ird-eval-steps", type=int, default=10)
     p.add_argument("--skip-loop", action="store_true", help="skip the batch-size-1 Fisher loop")
     p.add_argument("--output", default="benchmarks/results/speed", help="path prefix of the .json/.md/.png results")
-    p.add_argument("--only-report", action="store_true", help="rebuild the .md and .png from the .json; measure nothing")
+    p.add_argument(
+        "--only-report", action="store_true", help="rebuild the .md and .png from the .json; measure nothing"
+    )
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_worker:
@@ -518,7 +629,10 @@ def main() -> None:
         write_markdown(result, out.with_suffix(".md"))
         write_plot(result, out.with_suffix(".png"))
         return
-    result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "environment": environment(args.device)}
+    result = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "environment": environment(args.device),
+    }
     result["fisher"] = bench_fisher(args)
     result["training"] = bench_training(args)
     result["strategies"] = bench_strategies(args)

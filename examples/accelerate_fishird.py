@@ -32,14 +32,17 @@ parts = split(load_hutto("movie"), {"train": 1024, "test": 512}, seed=0)
 
 
 def encode(rows):
-    return Dataset.from_dict({**tokenizer([r.text for r in rows], truncation=True, max_length=64), "labels": [r.label for r in rows]})
+    return Dataset.from_dict(
+        {**tokenizer([r.text for r in rows], truncation=True, max_length=64), "labels": [r.label for r in rows]}
+    )
 
 
 train_dataset, test_dataset = encode(parts["train"]), encode(parts["test"])
 collator = DataCollatorWithPadding(tokenizer)
 model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-model = get_peft_model(model, FishIRDConfig(task_type="SEQ_CLS", keep_ratio=0.005), train_dataset=train_dataset,
-                       data_collator=collator)  # get_peft_model + prepare: the Fisher pass picks the mask
+model = get_peft_model(
+    model, FishIRDConfig(task_type="SEQ_CLS", keep_ratio=0.005), train_dataset=train_dataset, data_collator=collator
+)  # get_peft_model + prepare: the Fisher pass picks the mask
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)  # after prepare
 train_loader = DataLoader(train_dataset, batch_size=16, shuffle=True, collate_fn=collator)  # per process
 test_loader = DataLoader(test_dataset, batch_size=64, collate_fn=collator)
@@ -62,7 +65,9 @@ with torch.no_grad():
         hits, labels = accelerator.gather_for_metrics((predictions == batch["labels"], batch["labels"]))
         correct += int(hits.sum())
         total += int(labels.numel())
-accelerator.print(f"held-out accuracy: {correct / total:.3f} ({total} sentences, {accelerator.num_processes} processes)")
+accelerator.print(
+    f"held-out accuracy: {correct / total:.3f} ({total} sentences, {accelerator.num_processes} processes)"
+)
 accelerator.wait_for_everyone()
 if accelerator.is_main_process:
     accelerator.unwrap_model(model).save_pretrained(os.environ.get("OUTPUT_DIR", "out/accelerate_example"))

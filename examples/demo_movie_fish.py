@@ -75,7 +75,9 @@ def main() -> None:
     collator = DataCollatorWithPadding(tokenizer)
 
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    config = FishIRDConfig(task_type="SEQ_CLS", keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=args.seed)
+    config = FishIRDConfig(
+        task_type="SEQ_CLS", keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=args.seed
+    )
     model = get_peft_model(base, config)
     print(f"accuracy before training: {accuracy(model, test, collator):.3f}")
 
@@ -107,7 +109,9 @@ def main() -> None:
     print(f"accuracy after training:  {after:.3f}")
 
     model.save_pretrained(out_dir)
-    reloaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), out_dir)
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), out_dir
+    )
     print(f"adapter saved to {out_dir}; reloaded accuracy: {accuracy(reloaded, test, collator):.3f}")
 
 

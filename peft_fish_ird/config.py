@@ -156,7 +156,9 @@ class FishIRDConfig(PeftConfig):
         default="loss",
         metadata={"help": "IRD built-in evaluator: 'loss' (minus mean loss) or 'accuracy' on the selection split."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed for drawing the Fisher samples; same seed and data give the same mask."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed for drawing the Fisher samples; same seed and data give the same mask."}
+    )
     selection_record: Optional[dict[str, Any]] = field(
         default=None,
         metadata={
@@ -212,8 +214,10 @@ class FishIRDConfig(PeftConfig):
             raise ValueError(
                 f"num_samples={self.num_samples!r} is invalid: pass a positive int, e.g. 1024 (FISH's default)."
             )
-        if isinstance(self.fisher_batch_size, bool) or not isinstance(self.fisher_batch_size, int) or (
-            self.fisher_batch_size < 1
+        if (
+            isinstance(self.fisher_batch_size, bool)
+            or not isinstance(self.fisher_batch_size, int)
+            or (self.fisher_batch_size < 1)
         ):
             raise ValueError(f"fisher_batch_size={self.fisher_batch_size!r} is invalid: pass a positive int, e.g. 16.")
         if self.fisher not in FISHER_TYPES:
@@ -232,10 +236,16 @@ class FishIRDConfig(PeftConfig):
             isinstance(self.ird_rounds, bool) or not isinstance(self.ird_rounds, int) or self.ird_rounds < 1
         ):
             raise ValueError(f"ird_rounds={self.ird_rounds!r} is invalid: pass a positive int or None.")
-        if isinstance(self.ird_eval_lr, bool) or not isinstance(self.ird_eval_lr, (int, float)) or self.ird_eval_lr <= 0:
+        if (
+            isinstance(self.ird_eval_lr, bool)
+            or not isinstance(self.ird_eval_lr, (int, float))
+            or self.ird_eval_lr <= 0
+        ):
             raise ValueError(f"ird_eval_lr={self.ird_eval_lr!r} is invalid: pass a positive learning rate, e.g. 1e-3.")
         if self.ird_eval_metric not in EVAL_METRICS:
-            raise ValueError(f"ird_eval_metric={self.ird_eval_metric!r} is not supported: choose one of {EVAL_METRICS}.")
+            raise ValueError(
+                f"ird_eval_metric={self.ird_eval_metric!r} is not supported: choose one of {EVAL_METRICS}."
+            )
         if not isinstance(self.head_in_budget, bool):
             raise TypeError(f"head_in_budget must be True or False, got {self.head_in_budget!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 logger = logging.getLogger(__name__)
 LABEL_KEYS = ("labels", "label", "label_ids")
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "inputs_embeds", "position_ids")
 
 
 @dataclass
@@ -43,7 +44,7 @@ def _keep_model_columns(example: Mapping[str, Any], accepted: Optional[set[str]]
         raise ValueError(
             f"The examples have keys {sorted(example)}, none of which the model takes as input. Tokenize the text "
             f"first (e.g. `dataset.map(lambda b: tokenizer(b['text']), batched=True)`); the model accepts "
-            f"{sorted(n for n in accepted if n in ('input_ids', 'attention_mask', 'token_type_ids', 'inputs_embeds', 'position_ids'))}."
+            f"{sorted(n for n in accepted if n in MODEL_INPUT_NAMES)}."
         )
     return kept
 
@@ -102,7 +103,9 @@ def fisher_batches(
             "(dicts) with a data_collator, or a torch DataLoader."
         )
     indices = draw_indices(len(data), num_samples, seed)
-    return FisherBatches(collate_indices(data, indices, model=model, batch_size=batch_size, data_collator=data_collator), indices)
+    return FisherBatches(
+        collate_indices(data, indices, model=model, batch_size=batch_size, data_collator=data_collator), indices
+    )
 
 
 def require_indexable(data: Any, why: str) -> None:
@@ -172,7 +175,9 @@ def _from_loader(loader: DataLoader, num_samples: int) -> FisherBatches:
     if seen == 0:
         raise ValueError("The DataLoader passed to `prepare` yielded no batches.")
     if seen < num_samples:
-        logger.warning("num_samples=%d but the DataLoader yielded %d examples: the Fisher uses %d.", num_samples, seen, seen)
+        logger.warning(
+            "num_samples=%d but the DataLoader yielded %d examples: the Fisher uses %d.", num_samples, seen, seen
+        )
     return FisherBatches(batches, list(range(seen)))
 
 

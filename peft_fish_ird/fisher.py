@@ -84,7 +84,10 @@ def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:]
         token = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), reduction="none", ignore_index=-100
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            reduction="none",
+            ignore_index=-100,
         ).view(shift_labels.shape)
         count = (shift_labels != -100).sum(1).clamp(min=1)
         return token.sum(1) / count

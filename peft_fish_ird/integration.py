@@ -50,7 +50,9 @@ class FishIRDCallback(TrainerCallback):
             tuner.prepare(self.train_dataset, data_collator=self.data_collator, **self.prepare_kwargs)
         return control
 
-    def on_train_begin(self, args, state, control, model: Optional[nn.Module] = None, optimizer: Any = None, **kwargs: Any):
+    def on_train_begin(
+        self, args, state, control, model: Optional[nn.Module] = None, optimizer: Any = None, **kwargs: Any
+    ):
         if model is None or optimizer is None:
             return control
         tuner = _fishird_tuner(model)
@@ -101,7 +103,9 @@ def get_peft_model(
     Switching a LoRA script is then a two-line change: the import and this call::
 
         from peft_fish_ird import FishIRDConfig, get_peft_model
-        model = get_peft_model(model, FishIRDConfig(task_type="SEQ_CLS"), train_dataset=train_ds, data_collator=collator)
+        model = get_peft_model(
+            model, FishIRDConfig(task_type="SEQ_CLS"), train_dataset=train_ds, data_collator=collator
+        )
     """
     import peft
 
@@ -114,7 +118,9 @@ def get_peft_model(
                 f"train_dataset is used to prepare a FishIRD mask, but the config is a {type(peft_config).__name__}; "
                 "drop train_dataset or pass a FishIRDConfig."
             )
-        peft_model.prepare(train_dataset, data_collator=data_collator, adapter_name=adapter_name, **(prepare_kwargs or {}))
+        peft_model.prepare(
+            train_dataset, data_collator=data_collator, adapter_name=adapter_name, **(prepare_kwargs or {})
+        )
     elif prepare_kwargs:
         raise ValueError("prepare_kwargs were given without train_dataset; pass train_dataset=... to prepare.")
     return peft_model

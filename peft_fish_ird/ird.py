@@ -150,4 +150,3 @@ def _shrink_samples(
     else:
         keep = top_k_positions(-sample_scores if lowest else sample_scores, size)
     return sorted(samples[int(i)] for i in keep)
-

@@ -261,14 +261,19 @@ class FishIRDModule(nn.Module, FishIRDLayer):
         w_idx = self.indices("weight")[adapter]
         w_values = self.values("weight")[adapter]
         if isinstance(base, nn.Embedding):
-            rows = self._cached(adapter, w_idx, lambda: EmbeddingRows.build(
-                w_idx, base.num_embeddings, base.embedding_dim, base.padding_idx))
+            rows = self._cached(
+                adapter,
+                w_idx,
+                lambda: EmbeddingRows.build(w_idx, base.num_embeddings, base.embedding_dim, base.padding_idx),
+            )
             return sparse_delta_embedding(x, base, rows, w_values)
         pattern = self._cached(adapter, w_idx, lambda: MatrixPattern.build(w_idx, *base.weight.shape))
         b_idx = b_values = None
         if base.bias is not None and self.indices("bias")[adapter].numel():
             b_idx, b_values = self.indices("bias")[adapter], self.values("bias")[adapter]
-        return sparse_delta_matmul(x, base.weight, base.bias, pattern, w_values, b_idx, b_values, isinstance(base, Conv1D))
+        return sparse_delta_matmul(
+            x, base.weight, base.bias, pattern, w_values, b_idx, b_values, isinstance(base, Conv1D)
+        )
 
     def _cached(self, adapter: str, indices: torch.Tensor, build: Any) -> Any:
         """Layouts derived from the indices, rebuilt whenever the index tensor is replaced."""
@@ -307,11 +312,15 @@ def _resize_pre_hook(module: FishIRDModule, state_dict: dict, prefix: str, *args
 def _checked_indices(indices: torch.Tensor, numel: int, where: str) -> torch.Tensor:
     """Validate entry indices: 1-D, integer, strictly increasing, inside ``[0, numel)``."""
     if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"Entry indices for {where} must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}.")
+        raise ValueError(
+            f"Entry indices for {where} must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}."
+        )
     indices = indices.to(torch.int64)
     if indices.numel():
         if int(indices.min()) < 0 or int(indices.max()) >= numel:
-            raise ValueError(f"Entry indices for {where} must lie in [0, {numel}); got [{int(indices.min())}, {int(indices.max())}].")
+            raise ValueError(
+                f"Entry indices for {where} must lie in [0, {numel}); got [{int(indices.min())}, {int(indices.max())}]."
+            )
         if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
             raise ValueError(f"Entry indices for {where} must be strictly increasing (sorted, no duplicates).")
     return indices

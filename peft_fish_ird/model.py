@@ -119,7 +119,9 @@ class FishIRDModel(BaseTuner):
                 to_return[key] = compact_indices(tensor)
         # The record also travels in the weights file: HF Trainer's resume loads only the weights
         # into an existing adapter, keeping its (possibly unprepared) config.
-        to_return[RECORD_KEY] = torch.frombuffer(bytearray(json.dumps(config.selection_record).encode()), dtype=torch.uint8)
+        to_return[RECORD_KEY] = torch.frombuffer(
+            bytearray(json.dumps(config.selection_record).encode()), dtype=torch.uint8
+        )
         return to_return
 
     @classmethod
@@ -127,7 +129,9 @@ class FishIRDModel(BaseTuner):
         state_dict = dict(state_dict)
         record = state_dict.pop(RECORD_KEY, None)
         if record is not None:
-            reconcile_records(config, json.loads(bytes(record.tolist()).decode()), mask_fingerprint_of_checkpoint(state_dict))
+            reconcile_records(
+                config, json.loads(bytes(record.tolist()).decode()), mask_fingerprint_of_checkpoint(state_dict)
+            )
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     # ------------------------------------------------------------------ state
@@ -216,7 +220,9 @@ class FishIRDModel(BaseTuner):
         self._check_can_prepare(adapter, layers, overwrite)
         distributed.check_not_sharded(self.model)
         if distributed.ensure_process_group():
-            logger.info("FishIRD initialised torch.distributed (%d processes) for the Fisher pass.", distributed.world_size())
+            logger.info(
+                "FishIRD initialised torch.distributed (%d processes) for the Fisher pass.", distributed.world_size()
+            )
         distributed.sync_module_states(self.model)
         if (selection_dataset is not None or evaluator is not None) and config.selection not in IRD_SELECTIONS:
             raise ValueError(
@@ -225,8 +231,17 @@ class FishIRDModel(BaseTuner):
             )
         total, head = self.count_parameters()
         k = sparse_budget(total, head, config.keep_ratio, config.head_in_budget)
-        job = PrepareJob(self, self._head_wrappers(), adapter, config, layers, train_dataset, data_collator,
-                         batch_size or config.fisher_batch_size, progress)
+        job = PrepareJob(
+            self,
+            self._head_wrappers(),
+            adapter,
+            config,
+            layers,
+            train_dataset,
+            data_collator,
+            batch_size or config.fisher_batch_size,
+            progress,
+        )
         if config.selection == "fish":
             outcome = job.fish(k)
         elif config.selection == "random":
@@ -265,7 +280,14 @@ class FishIRDModel(BaseTuner):
         config.selection_record = record.to_dict()
         logger.info(
             "FishIRD prepare (%s): %d sparse entries (%.3f%% of %d params; head %d), round %d of %d, %.1fs",
-            config.selection, k, 100.0 * k / total, total, head, record.best_round, len(record.trace), record.seconds,
+            config.selection,
+            k,
+            100.0 * k / total,
+            total,
+            head,
+            record.best_round,
+            len(record.trace),
+            record.seconds,
         )
         return record
 
@@ -275,7 +297,8 @@ class FishIRDModel(BaseTuner):
         if self.peft_config[adapter].selection_record is not None:
             logger.warning(
                 "prepare() replaces adapter %r's existing mask: its values tensors are new objects, so an optimizer "
-                "built before this call is stale - build it (or the Trainer's) again.", adapter
+                "built before this call is stale - build it (or the Trainer's) again.",
+                adapter,
             )
         if any(layer.merged for layer in layers.values()):
             raise RuntimeError("Cannot prepare while adapters are merged: call `unmerge_adapter()` first.")
@@ -290,7 +313,6 @@ class FishIRDModel(BaseTuner):
 
     def _head_wrappers(self) -> list[ModulesToSaveWrapper]:
         return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
-
 
 
 def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list[str]:
@@ -337,5 +359,3 @@ def check_targets_match(model: nn.Module, config: FishIRDConfig) -> None:
 
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
-
-

@@ -119,9 +119,13 @@ class PrepareJob:
         out: dict[str, Any] = {"selection": c.selection, "fisher_batch_size": self.batch_size}
         if c.selection in IRD_SELECTIONS:
             out.update(
-                ird_shrink=c.ird_shrink, ird_rounds=c.ird_rounds, ird_min_samples=c.ird_min_samples,
-                ird_selection_fraction=c.ird_selection_fraction, ird_eval_steps=c.ird_eval_steps,
-                ird_eval_batch_size=c.ird_eval_batch_size, ird_eval_lr=c.ird_eval_lr,
+                ird_shrink=c.ird_shrink,
+                ird_rounds=c.ird_rounds,
+                ird_min_samples=c.ird_min_samples,
+                ird_selection_fraction=c.ird_selection_fraction,
+                ird_eval_steps=c.ird_eval_steps,
+                ird_eval_batch_size=c.ird_eval_batch_size,
+                ird_eval_lr=c.ird_eval_lr,
                 ird_eval_metric=c.ird_eval_metric,
                 evaluator="user" if evaluator is not None else "built-in",
             )
@@ -132,19 +136,32 @@ class PrepareJob:
         batches = [move_to(b, self.device) for b in batches]
         with adapters_disabled([*self.layers.values(), *self.head_wrappers]):
             return compute_fisher(
-                self.model, batches, self.targets, self.config.fisher,
-                sample_score_masks=ranges, progress=self.progress, desc=desc,
+                self.model,
+                batches,
+                self.targets,
+                self.config.fisher,
+                sample_score_masks=ranges,
+                progress=self.progress,
+                desc=desc,
             )
 
     def fish(self, k: int) -> Outcome:
         drawn = fisher_batches(
-            self.data, model=self.model, num_samples=self.config.num_samples, seed=self.config.seed,
-            batch_size=self.batch_size, data_collator=self.collator,
+            self.data,
+            model=self.model,
+            num_samples=self.config.num_samples,
+            seed=self.config.seed,
+            batch_size=self.batch_size,
+            data_collator=self.collator,
         )
         result = self._fisher(drawn.batches, None, "FISH Fisher")
         check_some_information(result.scores)
         masks = select(result.scores, k, self.config.budget)
-        trace = [IRDRound(1, result.num_samples, sum(s.numel() for s in result.scores.values()), None, round(result.seconds, 3))]
+        trace = [
+            IRDRound(
+                1, result.num_samples, sum(s.numel() for s in result.scores.values()), None, round(result.seconds, 3)
+            )
+        ]
         return Outcome(masks, drawn.sample_indices, result.scores, trace, 1, result.num_samples, result.seconds)
 
     def random(self, k: int) -> Outcome:
@@ -157,10 +174,13 @@ class PrepareJob:
         require_indexable(self.data, f"selection={c.selection!r}")
         n = len(self.data)
         settings = IRDSettings(
-            shrink=c.ird_shrink, rounds=c.ird_rounds, min_samples=c.ird_min_samples,
+            shrink=c.ird_shrink,
+            rounds=c.ird_rounds,
+            min_samples=c.ird_min_samples,
             direction="reverse" if c.selection == "ird_reverse" else "top",
             sample_order="random" if c.selection == "ird_random" else "fisher",
-            budget=c.budget, seed=c.seed,
+            budget=c.budget,
+            seed=c.seed,
         )
         candidates = sum(int(torch.Size(s).numel()) for s in self.shapes().values())
         plan = schedule(min(c.num_samples, n), candidates, k, settings)
@@ -176,13 +196,20 @@ class PrepareJob:
                 "more data or a selection_dataset."
             )
         if len(pool) < c.num_samples:
-            logger.warning("IRD: Fisher pool holds %d examples (num_samples=%d; %d held out for scoring).",
-                           len(pool), c.num_samples, held_out_size)
+            logger.warning(
+                "IRD: Fisher pool holds %d examples (num_samples=%d; %d held out for scoring).",
+                len(pool),
+                c.num_samples,
+                held_out_size,
+            )
 
         def fisher_pass(positions, ranges, desc):
             batches = collate_indices(
-                self.data, [pool[i] for i in positions], model=self.model,
-                batch_size=self.batch_size, data_collator=self.collator,
+                self.data,
+                [pool[i] for i in positions],
+                model=self.model,
+                batch_size=self.batch_size,
+                data_collator=self.collator,
             )
             return self._fisher(batches, ranges, desc)
 
@@ -190,8 +217,15 @@ class PrepareJob:
         result = iterative_range_decreasing(len(pool), k, fisher_pass, scorer, settings)
         selection_samples = len(held_out) if selection_dataset is None else len(selection_dataset)
         return Outcome(
-            result.masks, pool, result.first_round_scores, result.trace, result.best_round, result.per_sample_gradients,
-            result.fisher_seconds, result.scoring_seconds, selection_samples if evaluator is None else 0,
+            result.masks,
+            pool,
+            result.first_round_scores,
+            result.trace,
+            result.best_round,
+            result.per_sample_gradients,
+            result.fisher_seconds,
+            result.scoring_seconds,
+            selection_samples if evaluator is None else 0,
         )
 
     def _scorer(
@@ -227,12 +261,22 @@ class PrepareJob:
             sel_source, sel_indices = selection_dataset, list(range(len(selection_dataset)))
         else:
             sel_source, sel_indices = self.data, held_out
-        collate = lambda data, idx: [move_to(b, self.device) for b in collate_indices(  # noqa: E731
-            data, idx, model=self.model, batch_size=c.ird_eval_batch_size, data_collator=self.collator)]
+
+        def collate(data: Any, idx: list[int]) -> list[dict[str, Any]]:
+            batches = collate_indices(
+                data, idx, model=self.model, batch_size=c.ird_eval_batch_size, data_collator=self.collator
+            )
+            return [move_to(b, self.device) for b in batches]
+
         needed = c.ird_eval_steps * c.ird_eval_batch_size
         order = seeded_permutation(len(pool), c.seed + 1)
         train_indices = [pool[order[i % len(order)]] for i in range(needed)]
         return MaskedFineTuneScorer(
-            self.model, trainable, collate(self.data, train_indices), collate(sel_source, sel_indices),
-            lr=c.ird_eval_lr, metric=c.ird_eval_metric, seed=c.seed,
+            self.model,
+            trainable,
+            collate(self.data, train_indices),
+            collate(sel_source, sel_indices),
+            lr=c.ird_eval_lr,
+            metric=c.ird_eval_metric,
+            seed=c.seed,
         )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
 import hashlib
 import logging
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch

@@ -119,7 +119,9 @@ class MatrixPattern:
                 shape, m1, m2 = (self.rows, self.cols), a.t(), b
             else:
                 shape, m1, m2 = (self.cols, self.rows), b.t(), a
-            pattern = torch.sparse_csr_tensor(self.crow, self.col, torch.zeros(k, dtype=a.dtype, device=a.device), shape)
+            pattern = torch.sparse_csr_tensor(
+                self.crow, self.col, torch.zeros(k, dtype=a.dtype, device=a.device), shape
+            )
             values = torch.sparse.sampled_addmm(pattern, m1, m2, beta=0.0).values()
         if self.order is None:
             return values
@@ -206,7 +208,9 @@ class EmbeddingRows:
         return cls(lookup, row_pos, cols, unique_rows.numel(), padding_pos)
 
 
-def sparse_delta_embedding(ids: torch.Tensor, base: nn.Embedding, rows: EmbeddingRows, values: torch.Tensor) -> torch.Tensor:
+def sparse_delta_embedding(
+    ids: torch.Tensor, base: nn.Embedding, rows: EmbeddingRows, values: torch.Tensor
+) -> torch.Tensor:
     """``base(ids) + delta[ids]`` with the delta held as a compact table of the rows with entries."""
     weight = base.weight
     table = torch.zeros(rows.num_rows + 1, weight.shape[1], dtype=values.dtype, device=weight.device)

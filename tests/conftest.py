@@ -62,7 +62,13 @@ def make_examples(n: int, seed: int = 0, min_len: int = 3, max_len: int = 12, nu
     for _ in range(n):
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
         ids = torch.randint(1, VOCAB, (length,), generator=g).tolist()
-        out.append({"input_ids": ids, "attention_mask": [1] * length, "labels": int(torch.randint(0, num_labels, (1,), generator=g))})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * length,
+                "labels": int(torch.randint(0, num_labels, (1,), generator=g)),
+            }
+        )
     return out
 
 

@@ -66,13 +66,27 @@ def main(mode: str, out_dir: str) -> None:
         from datasets import Dataset
         from transformers import Trainer, TrainingArguments
 
-        model = get_peft_model(rank_dependent_head(no_dropout_bert()), fish_config(**overrides), train_dataset=examples,
-                               data_collator=pad_collate)  # before TrainingArguments: prepare starts torch.distributed
+        model = get_peft_model(
+            rank_dependent_head(no_dropout_bert()),
+            fish_config(**overrides),
+            train_dataset=examples,
+            data_collator=pad_collate,
+        )  # before TrainingArguments: prepare starts torch.distributed
         args = TrainingArguments(
-            output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
-            learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, ddp_backend="gloo",
-            average_tokens_across_devices=False, train_sampling_strategy="sequential", disable_tqdm=True,
-            logging_steps=1, seed=0, dataloader_drop_last=True,
+            output_dir=os.path.join(out_dir, "run"),
+            per_device_train_batch_size=GLOBAL_BATCH // world,
+            max_steps=STEPS,
+            learning_rate=1e-2,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            ddp_backend="gloo",
+            average_tokens_across_devices=False,
+            train_sampling_strategy="sequential",
+            disable_tqdm=True,
+            logging_steps=1,
+            seed=0,
+            dataloader_drop_last=True,
         )
         Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=pad_collate).train()
         result = snapshot(model)
@@ -80,7 +94,9 @@ def main(mode: str, out_dir: str) -> None:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=True)
-        model = get_peft_model(no_dropout_bert(), fish_config(**overrides), train_dataset=examples, data_collator=pad_collate)
+        model = get_peft_model(
+            no_dropout_bert(), fish_config(**overrides), train_dataset=examples, data_collator=pad_collate
+        )
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         loader = torch.utils.data.DataLoader(examples, batch_size=GLOBAL_BATCH // world, collate_fn=pad_collate)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -9,15 +9,26 @@ import pytest
 import torch
 import torch.distributed as dist
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with the gloo backend is not available",
+)
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
 def _launch(mode: str, nproc: int, out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), mode, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        mode,
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
@@ -30,7 +41,11 @@ def _tensors(result: dict) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    return {(mode, n): _launch(mode, n, root / f"{mode}{n}") for mode in ("fisher", "ird", "trainer", "accelerate") for n in (1, 2)}
+    return {
+        (mode, n): _launch(mode, n, root / f"{mode}{n}")
+        for mode in ("fisher", "ird", "trainer", "accelerate")
+        for n in (1, 2)
+    }
 
 
 @pytest.mark.parametrize("mode", ["fisher", "ird"])

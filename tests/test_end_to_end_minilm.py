@@ -62,8 +62,17 @@ def test_fish_on_minilm_trains_saves_reloads_and_merges(data, tmp_path):
 
     frozen = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "base_layer" in k}
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=16, num_train_epochs=1, learning_rate=1e-3,
-        warmup_steps=5, logging_steps=4, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=16,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        warmup_steps=5,
+        logging_steps=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     trainer.train()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fish_config, make_examples, pad_collate, prepared_tiny_bert, randomize_values, tiny_bert
 from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 
@@ -17,14 +18,16 @@ from peft_fish_ird import FishIRDConfig, UnpreparedAdapterError
 from peft_fish_ird.layer import FishIRDLayer
 from peft_fish_ird.selection import select
 
-from conftest import fish_config, make_examples, pad_collate, prepared_tiny_bert, randomize_values, tiny_bert
-
 EXAMPLES = make_examples(24)
 
 
 def _masks(model):
-    return {f"{n}.{p}": m.indices(p)["default"].clone() for n, m in model.named_modules()
-            if isinstance(m, FishIRDLayer) for p in m.base_param_names()}
+    return {
+        f"{n}.{p}": m.indices(p)["default"].clone()
+        for n, m in model.named_modules()
+        if isinstance(m, FishIRDLayer)
+        for p in m.base_param_names()
+    }
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -57,7 +60,9 @@ class TestConfig:
         with pytest.raises(ValueError, match=f"{field}='{value}' is not supported: choose one of"):
             FishIRDConfig(**{field: value})
 
-    @pytest.mark.parametrize("kwargs", [{"ird_rounds": 0}, {"ird_min_samples": 0}, {"ird_shrink": 1.0}, {"ird_shrink": 0.0}])
+    @pytest.mark.parametrize(
+        "kwargs", [{"ird_rounds": 0}, {"ird_min_samples": 0}, {"ird_shrink": 1.0}, {"ird_shrink": 0.0}]
+    )
     def test_ird_settings_that_allow_no_search(self, kwargs):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             FishIRDConfig(selection="ird", **kwargs)
@@ -186,8 +191,9 @@ class TestLoading:
         path, _ = saved
         from transformers import BertConfig, BertForSequenceClassification
 
-        other = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                                         num_attention_heads=2, intermediate_size=32))
+        other = BertForSequenceClassification(
+            BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+        )
         before = {k: v.clone() for k, v in other.state_dict().items()}
         with pytest.raises(ValueError, match="base model it was trained with"):
             PeftModel.from_pretrained(other, path)
@@ -206,7 +212,9 @@ class TestLoading:
         tensors[key] = idx
         record = json.loads(bytes(tensors["fishird_selection_record"].tolist()).decode())
         record.pop("mask_sha256")  # without the fingerprint the layer-level checks must still catch it
-        tensors["fishird_selection_record"] = torch.frombuffer(bytearray(json.dumps(record).encode()), dtype=torch.uint8)
+        tensors["fishird_selection_record"] = torch.frombuffer(
+            bytearray(json.dumps(record).encode()), dtype=torch.uint8
+        )
         save_file(tensors, path / "adapter_model.safetensors")
         config = json.loads((path / "adapter_config.json").read_text())
         config["selection_record"].pop("mask_sha256")
@@ -271,8 +279,12 @@ def test_same_mask_across_cpu_thread_counts(tmp_path):
                     if isinstance(m, FishIRDLayer) for p in m.base_param_names()}}, sys.argv[2])
         """)
     for threads in (1, 2):
-        done = subprocess.run([sys.executable, "-c", code, str(threads), str(tmp_path / f"{threads}.pt")],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(threads), str(tmp_path / f"{threads}.pt")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
     a, b = torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "2.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

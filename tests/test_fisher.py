@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import batches_of, make_examples, tiny_bert, tiny_gpt2
 from torch import nn
 
 from peft_fish_ird.fisher import NonFiniteFisherError, compute_fisher
 from peft_fish_ird.layer import is_supported_layer
 from peft_fish_ird.reference import fisher_loop, unpad_sample
-
-from conftest import batches_of, make_examples, tiny_bert, tiny_gpt2
 
 HEADS = ("classifier", "score")
 
@@ -72,7 +71,10 @@ def test_sample_scores_restricted_to_a_parameter_range_match_the_loop():
     targets = _targets(model)
     g = torch.Generator().manual_seed(0)
     masks = {
-        "bert.embeddings.word_embeddings.weight": torch.rand(model.bert.embeddings.word_embeddings.weight.shape, generator=g) < 0.3,
+        "bert.embeddings.word_embeddings.weight": torch.rand(
+            model.bert.embeddings.word_embeddings.weight.shape, generator=g
+        )
+        < 0.3,
         "bert.pooler.dense.weight": torch.rand(model.bert.pooler.dense.weight.shape, generator=g) < 0.5,
     }
     fast = compute_fisher(model, batches, targets, sample_score_masks=masks, progress=False)
@@ -160,7 +162,9 @@ def test_large_weight_path_equals_the_loop(masked):
     model = _SeqMLP()
     assert model.up.weight.numel() >= fisher_module.PER_SAMPLE_GEMM_MIN_ELEMENTS
     g = torch.Generator().manual_seed(3)
-    batches = [{"x": torch.randn(5, 4, 24, generator=g), "labels": torch.randint(0, 3, (5,), generator=g)} for _ in range(2)]
+    batches = [
+        {"x": torch.randn(5, 4, 24, generator=g), "labels": torch.randint(0, 3, (5,), generator=g)} for _ in range(2)
+    ]
     targets = {"up": model.up, "down": model.down}
     masks = {"up.weight": torch.rand(model.up.weight.shape, generator=g) < 0.4} if masked else None
     fast = compute_fisher(model, batches, targets, sample_score_masks=masks, progress=False)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import fish_config, make_examples, pad_collate, tiny_bert
 from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 
@@ -9,8 +10,6 @@ import peft_fish_ird.prepare as prepare_module
 from peft_fish_ird.fisher import FisherResult
 from peft_fish_ird.ird import IRDSettings, iterative_range_decreasing, schedule
 from peft_fish_ird.layer import FishIRDLayer
-
-from conftest import fish_config, make_examples, pad_collate, tiny_bert
 
 EXAMPLES = make_examples(80, seed=4)
 
@@ -42,8 +41,14 @@ class ScoreByCall:
 
     def __call__(self, tuner):
         self.calls += 1
-        self.seen.append({f"{n}.{p}": m.indices(p)["default"].clone()
-                          for n, m in tuner.model.named_modules() if isinstance(m, FishIRDLayer) for p in m.base_param_names()})
+        self.seen.append(
+            {
+                f"{n}.{p}": m.indices(p)["default"].clone()
+                for n, m in tuner.model.named_modules()
+                if isinstance(m, FishIRDLayer)
+                for p in m.base_param_names()
+            }
+        )
         return 1.0 if self.calls == self.best else 0.0
 
 
@@ -72,8 +77,13 @@ def test_reverse_keeps_the_lowest_fisher_halves():
     sample_scores = torch.rand(16, generator=g)
     for direction in ("top", "reverse"):
         log = []
-        iterative_range_decreasing(16, 8, _fake_pass(scores, sample_scores, log), lambda m: 0.0,
-                                   IRDSettings(min_samples=4, rounds=2, direction=direction))
+        iterative_range_decreasing(
+            16,
+            8,
+            _fake_pass(scores, sample_scores, log),
+            lambda m: 0.0,
+            IRDSettings(min_samples=4, rounds=2, direction=direction),
+        )
         samples2, ranges2 = log[1]
         flat = torch.cat([scores["a.weight"], scores["b.bias"]])
         kept = torch.cat([ranges2["a.weight"], ranges2["b.bias"]])
@@ -93,8 +103,13 @@ def test_random_sample_control_has_ird_sizes_but_other_samples():
     logs = {}
     for order in ("fisher", "random"):
         logs[order] = []
-        iterative_range_decreasing(32, 4, _fake_pass(scores, sample_scores, logs[order]), lambda m: 0.0,
-                                   IRDSettings(min_samples=4, sample_order=order))
+        iterative_range_decreasing(
+            32,
+            4,
+            _fake_pass(scores, sample_scores, logs[order]),
+            lambda m: 0.0,
+            IRDSettings(min_samples=4, sample_order=order),
+        )
     assert [len(s) for s, _ in logs["fisher"]] == [len(s) for s, _ in logs["random"]] == [32, 16, 8, 4]
     assert logs["fisher"][1][0] != logs["random"][1][0]
 
@@ -104,7 +119,10 @@ def test_candidate_of_each_round_is_top_k_inside_its_range():
     scores = {"a.weight": torch.rand(100, generator=g)}
     seen = []
     result = iterative_range_decreasing(
-        16, 5, _fake_pass(scores, torch.rand(16, generator=g), []), lambda m: seen.append(m) or 0.0,
+        16,
+        5,
+        _fake_pass(scores, torch.rand(16, generator=g), []),
+        lambda m: seen.append(m) or 0.0,
         IRDSettings(min_samples=2),
     )
     top5 = torch.sort(scores["a.weight"], descending=True).indices[:5].sort().values
@@ -193,8 +211,12 @@ def test_each_candidate_starts_from_the_pretrained_state(monkeypatch):
 
     def spy(self):
         values = [p.detach().clone() for n, p in model.named_parameters() if "fishird_" in n]
-        snapshots.append((all(float(v.abs().sum()) == 0 for v in values),
-                          all(torch.equal(v, head_before[k]) for k, v in head.modules_to_save["default"].state_dict().items())))
+        snapshots.append(
+            (
+                all(float(v.abs().sum()) == 0 for v in values),
+                all(torch.equal(v, head_before[k]) for k, v in head.modules_to_save["default"].state_dict().items()),
+            )
+        )
         return original(self)
 
     monkeypatch.setattr(prepare_module.MaskedFineTuneScorer, "__call__", spy)

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import fish_config, make_examples, pad_collate, prepared_tiny_bert, randomize_values, tiny_bert
 from peft import get_peft_model
 
 from peft_fish_ird.layer import FishIRDLayer
-
-from conftest import fish_config, make_examples, pad_collate, prepared_tiny_bert, randomize_values, tiny_bert
 
 
 def _logits(model, batch):
@@ -42,7 +41,9 @@ def test_merged_forward_equals_adapter_forward(trained, batch):
 def test_merge_then_unmerge_restores_base_weights_bit_for_bit(trained):
     before = {k: v.clone() for k, v in trained.get_base_model().state_dict().items() if "base_layer" in k}
     trained.merge_adapter()
-    changed = [k for k, v in trained.get_base_model().state_dict().items() if k in before and not torch.equal(v, before[k])]
+    changed = [
+        k for k, v in trained.get_base_model().state_dict().items() if k in before and not torch.equal(v, before[k])
+    ]
     assert changed, "merge must write the base tensors"
     trained.unmerge_adapter()
     after = trained.get_base_model().state_dict()

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import fish_config, make_examples, pad_collate, tiny_bert
 from peft import get_peft_model
 from torch import nn
 
 from peft_fish_ird import distributed
-
-from conftest import fish_config, make_examples, pad_collate, tiny_bert
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

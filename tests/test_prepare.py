@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import batches_of, fish_config, make_examples, pad_collate, prepared_tiny_bert, tiny_bert, tiny_gpt2
 from datasets import Dataset
 from peft import get_peft_model
 from torch.utils.data import DataLoader
@@ -10,8 +11,6 @@ from peft_fish_ird import SelectionRecord, UnpreparedAdapterError
 from peft_fish_ird.layer import FishIRDLayer
 from peft_fish_ird.reference import fisher_loop
 from peft_fish_ird.selection import select
-
-from conftest import batches_of, fish_config, make_examples, pad_collate, prepared_tiny_bert, tiny_bert, tiny_gpt2
 
 
 def _masks(model, adapter="default"):

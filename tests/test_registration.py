@@ -6,13 +6,12 @@ import sys
 import textwrap
 
 import torch
+from conftest import fish_config, tiny_bert
 from peft import LoraConfig, PeftConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import peft_fish_ird
 from peft_fish_ird import FishIRDConfig, FishIRDModel
-
-from conftest import fish_config, tiny_bert
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

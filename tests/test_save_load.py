@@ -7,10 +7,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import make_examples, pad_collate, prepared_tiny_bert, randomize_values, tiny_bert
 from peft import PeftModel
 from safetensors.torch import load_file
-
-from conftest import make_examples, pad_collate, prepared_tiny_bert, randomize_values, tiny_bert
 
 
 @pytest.fixture
@@ -108,7 +107,14 @@ def test_loading_onto_a_base_with_other_shapes_fails_clearly(saved):
     path, _ = saved
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=97,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     other = BertForSequenceClassification(cfg)
     with pytest.raises(ValueError, match="base model it was trained with"):
         PeftModel.from_pretrained(other, path)
@@ -136,8 +142,12 @@ def test_push_to_hub_uploads_exactly_the_saved_adapter(saved, tmp_path_factory, 
 
     path, model = saved
     uploaded = tmp_path_factory.mktemp("uploaded")
-    monkeypatch.setattr(hub, "hf_api", lambda: SimpleNamespace(create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id)))
-    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None: SimpleNamespace(save=lambda p: None))
+    monkeypatch.setattr(
+        hub, "hf_api", lambda: SimpleNamespace(create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    )
+    monkeypatch.setattr(
+        hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None: SimpleNamespace(save=lambda p: None)
+    )
 
     def capture(working_dir, repo_id, **kwargs):
         shutil.copytree(working_dir, uploaded, dirs_exist_ok=True)
@@ -147,4 +157,6 @@ def test_push_to_hub_uploads_exactly_the_saved_adapter(saved, tmp_path_factory, 
     names = {p.name for p in uploaded.iterdir()}
     assert names == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     assert (uploaded / "adapter_model.safetensors").read_bytes() == (path / "adapter_model.safetensors").read_bytes()
-    assert json.loads((uploaded / "adapter_config.json").read_text()) == json.loads((path / "adapter_config.json").read_text())
+    assert json.loads((uploaded / "adapter_config.json").read_text()) == json.loads(
+        (path / "adapter_config.json").read_text()
+    )

@@ -19,7 +19,9 @@ def _module(base, density, seed=0, bias_entries=3):
     k = max(1, int(density * w.numel()))
     layer.set_entries("default", "weight", torch.randperm(w.numel(), generator=g)[:k].sort().values)
     if getattr(base, "bias", None) is not None:
-        layer.set_entries("default", "bias", torch.randperm(base.bias.numel(), generator=g)[:bias_entries].sort().values)
+        layer.set_entries(
+            "default", "bias", torch.randperm(base.bias.numel(), generator=g)[:bias_entries].sort().values
+        )
     layer.fishird_prepared["default"] = True
     with torch.no_grad():
         for name in layer.base_param_names():
@@ -111,8 +113,11 @@ def test_layout_is_rebuilt_when_indices_change():
     assert isinstance(layer._layout_cache["default"][1], sparse_ops.MatrixPattern)
 
 
-@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(24, 64), (3, 7, 24)), (lambda: Conv1D(64, 24), (3, 7, 24))],
-                         ids=["linear", "conv1d"])
+@pytest.mark.parametrize(
+    "make, shape",
+    [(lambda: nn.Linear(24, 64), (3, 7, 24)), (lambda: Conv1D(64, 24), (3, 7, 24))],
+    ids=["linear", "conv1d"],
+)
 def test_fast_path_under_cpu_autocast_matches_reference(make, shape):
     layer = _module(make(), 0.01)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(4))

@@ -39,8 +39,12 @@ def test_interleaving_rotates_which_method_runs_first(speed):
 
 def test_only_report_rebuilds_markdown_and_plot_from_the_json(tmp_path):
     shutil.copy(COMMITTED, tmp_path / "speed.json")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--only-report", "--output", str(tmp_path / "speed")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--only-report", "--output", str(tmp_path / "speed")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     md = (tmp_path / "speed.md").read_text()
     result = json.loads(COMMITTED.read_text())
@@ -51,7 +55,11 @@ def test_only_report_rebuilds_markdown_and_plot_from_the_json(tmp_path):
 
 
 def test_only_report_without_results_names_the_missing_file(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--only-report", "--output", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--only-report", "--output", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert "none.json does not exist" in done.stderr

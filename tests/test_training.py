@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import fish_config, make_examples, pad_collate, prepared_tiny_bert, tiny_bert
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from peft_fish_ird import UnpreparedAdapterError
 from peft_fish_ird.layer import FishIRDLayer
-
-from conftest import fish_config, make_examples, pad_collate, prepared_tiny_bert, tiny_bert
 
 
 def _args(tmp_path, **kw):
@@ -58,7 +57,9 @@ def test_trainer_moves_only_selected_entries_and_head(tmp_path):
 
 def test_optimizer_state_exists_only_for_values_and_head(tmp_path):
     model = prepared_tiny_bert()
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_train_set(), data_collator=pad_collate)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, max_steps=2), train_dataset=_train_set(), data_collator=pad_collate
+    )
     trainer.train()
     names = {id(p): n for n, p in model.named_parameters()}
     with_state = [names[id(p)] for p in trainer.optimizer.state]
@@ -75,7 +76,10 @@ def test_training_lowers_the_loss(tmp_path):
         e["labels"] = e["input_ids"][0] % 2
     model = prepared_tiny_bert(keep_ratio=0.2)
     trainer = Trainer(
-        model=model, args=_args(tmp_path, num_train_epochs=8), train_dataset=Dataset.from_list(examples), data_collator=pad_collate
+        model=model,
+        args=_args(tmp_path, num_train_epochs=8),
+        train_dataset=Dataset.from_list(examples),
+        data_collator=pad_collate,
     )
     history = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -87,6 +91,8 @@ def test_trainer_on_unprepared_model_raises_the_documented_error(tmp_path):
     from peft import get_peft_model
 
     model = get_peft_model(tiny_bert(), fish_config())
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_train_set(), data_collator=pad_collate)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, max_steps=1), train_dataset=_train_set(), data_collator=pad_collate
+    )
     with pytest.raises(UnpreparedAdapterError, match="prepare"):
         trainer.train()
