@@ -26,6 +26,7 @@ from .prepare import PrepareJob, fill_masks, score_summary
 from .record import (
     SelectionRecord,
     check_record_shapes,
+    indices_key_target,
     mask_fingerprint,
     mask_fingerprint_of_checkpoint,
     reconcile_records,
@@ -43,12 +44,6 @@ def compact_indices(indices: torch.Tensor) -> torch.Tensor:
     if indices.numel() == 0 or int(indices.max()) < 2**31:
         return indices.to(torch.int32)
     return indices
-
-
-def _is_indices_key(key: str) -> bool:
-    """``...<module>.fishird_<param>_indices.<adapter>`` (the key still holds the adapter name)."""
-    parts = key.split(".")
-    return len(parts) >= 2 and parts[-2].startswith("fishird_") and parts[-2].endswith("_indices")
 
 
 class FishIRDModel(BaseTuner):
@@ -115,7 +110,7 @@ class FishIRDModel(BaseTuner):
             raise UnpreparedAdapterError(unprepared_message(adapter_name))
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for key, tensor in to_return.items():
-            if _is_indices_key(key):
+            if indices_key_target(key) is not None:
                 to_return[key] = compact_indices(tensor)
         # The record also travels in the weights file: HF Trainer's resume loads only the weights
         # into an existing adapter, keeping its (possibly unprepared) config.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -80,15 +81,25 @@ def mask_fingerprint(masks: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+# ``<module>.fishird_<param>_indices``, in a checkpoint, or with ``.<adapter>`` in a live state dict
+_INDICES_KEY = re.compile(r"^(?P<module>.+)\.fishird_(?P<param>weight|bias)_indices(?:\.[^.]+)?$")
+
+
+def indices_key_target(key: str) -> Optional[str]:
+    """``"<module>.<param>"`` when ``key`` holds a FishIRD layer's entry indices, else ``None``."""
+    match = _INDICES_KEY.match(key)
+    if match is None:
+        return None
+    return f"{match['module'].removeprefix('base_model.model.')}.{match['param']}"
+
+
 def mask_fingerprint_of_checkpoint(state_dict: dict[str, torch.Tensor]) -> str:
     """The fingerprint of the indices stored in a checkpoint's state dict."""
     masks = {}
     for key, value in state_dict.items():
-        for param in ("weight", "bias"):
-            suffix = f".fishird_{param}_indices"
-            if key.endswith(suffix):
-                module = key[: -len(suffix)].removeprefix("base_model.model.")
-                masks[f"{module}.{param}"] = value
+        target = indices_key_target(key)
+        if target is not None:
+            masks[target] = value
     return mask_fingerprint(masks)
 
 
