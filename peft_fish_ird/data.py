@@ -97,7 +97,7 @@ def fisher_batches(
     """
     if isinstance(data, DataLoader):
         return _from_loader(data, num_samples)
-    if isinstance(data, (str, bytes)) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+    if not is_indexable(data):
         raise TypeError(
             f"`prepare` got {type(data).__name__}: pass a datasets.Dataset, a list of tokenized examples "
             "(dicts) with a data_collator, or a torch DataLoader."
@@ -108,9 +108,17 @@ def fisher_batches(
     )
 
 
+def is_indexable(data: Any) -> bool:
+    """A collection of examples with ``len`` and integer indexing (a Dataset or a list), not a
+    DataLoader (no random access) and not a string."""
+    if isinstance(data, (DataLoader, str, bytes)):
+        return False
+    return hasattr(data, "__getitem__") and hasattr(data, "__len__")
+
+
 def require_indexable(data: Any, why: str) -> None:
     """Raise unless ``data`` supports ``len`` and integer indexing (a Dataset or a list)."""
-    if isinstance(data, DataLoader) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+    if not is_indexable(data):
         raise TypeError(
             f"{why} needs indexable data (a datasets.Dataset or a list of tokenized examples), got "
             f"{type(data).__name__}. Pass the dataset itself with `data_collator=` instead of a DataLoader."
