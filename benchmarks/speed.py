@@ -138,6 +138,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str) ->
     return times
 
 
+def paired_quartiles(times: dict[str, list[float]], reference: str) -> dict[str, list[float]]:
+    """Quartiles of each method's per-repeat ratio to ``reference`` (times from ``interleaved``).
+
+    Each repeat runs every method once in turn, so a method's time over the reference's in the same
+    repeat cancels the machine's drift between repeats; the quartiles show the spread left."""
+    out = {}
+    for name, values in times.items():
+        ratios = [a / b for a, b in zip(values, times[reference])]
+        out[name] = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return out
+
+
 def targets_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if is_supported_layer(m) and not n.startswith("classifier")}
 
@@ -199,10 +211,7 @@ def bench_fisher(args) -> dict[str, Any]:
         "tokens": args.tokens,
         "seconds_median": med,
         "ratio_to_plain_pass": {k: v / med["plain_pass"] for k, v in med.items()},
-        "ratio_to_plain_pass_paired_quartiles": {
-            k: statistics.quantiles(sorted(a / b for a, b in zip(v, times["plain_pass"])), n=4)
-            for k, v in times.items()
-        },
+        "ratio_to_plain_pass_paired_quartiles": paired_quartiles(times, "plain_pass"),
         "seconds_all": times,
     }
     engine = results["engine"].scores
@@ -294,7 +303,9 @@ def matched_keep_ratio(device: str) -> tuple[float, int]:
     return count / total, count
 
 
-def bench_training(args) -> dict[str, Any]:
+def bench_training(args) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Step time, peak memory and optimizer state of every method; also returns the prepared
+    FishIRD model, whose masks the strategy benchmark reuses."""
     device = args.device
     keep_ratio, lora_count = matched_keep_ratio(device)
     examples = as_examples(make_batches(64, 16, args.tokens, "cpu", seed=1))
@@ -303,9 +314,6 @@ def bench_training(args) -> dict[str, Any]:
     fns = {m: step_fn(model, opt, hook, batch) for m, (model, opt, hook, _) in built.items()}
     times = interleaved(fns, args.repeats_train, device)
     med = {k: statistics.median(v) for k, v in times.items()}
-    # each repeat runs every method once in turn: a method's time over LoRA's in the same repeat
-    # cancels the machine's drift between repeats; their median and quartiles show the spread
-    paired = {k: sorted(a / b for a, b in zip(v, times["lora"])) for k, v in times.items()}
     out = {
         "batch": 16,
         "tokens": args.tokens,
@@ -315,15 +323,16 @@ def bench_training(args) -> dict[str, Any]:
         "optimizer_state_bytes": {m: optimizer_state_bytes(b[1]) for m, b in built.items()},
         "step_seconds_median": med,
         "step_ratio_to_lora": {k: v / med["lora"] for k, v in med.items()},
-        "step_ratio_to_lora_paired_quartiles": {k: statistics.quantiles(v, n=4) for k, v in paired.items()},
+        "step_ratio_to_lora_paired_quartiles": paired_quartiles(times, "lora"),
         "step_seconds_all": times,
     }
+    fishird_model = built["fishird"][0]
     del built, fns
     out["peak_memory_bytes"] = {m: peak_memory(m, args) for m in TRAIN_METHODS}
     out["peak_memory_ratio_to_lora"] = {
         m: v / out["peak_memory_bytes"]["lora"] for m, v in out["peak_memory_bytes"].items()
     }
-    return out
+    return out, fishird_model
 
 
 def peak_memory(method: str, args) -> int:
@@ -358,16 +367,13 @@ def memory_worker(method: str, args) -> None:
 
 
 # ----------------------------------------------------------------------------- values-gradient strategies
-def bench_strategies(args) -> dict[str, Any]:
-    """Per Linear layer of a prepared FishIRD model: the time of every way to form the values'
-    gradient (``sparse_ops.STRATEGIES``) at the training step's size, against the one the cost
-    model picks. Checks the cost model on real (clustered) Fisher masks."""
+def bench_strategies(args, model: torch.nn.Module) -> dict[str, Any]:
+    """Per Linear layer of the prepared FishIRD model of the training benchmark: the time of every
+    way to form the values' gradient (``sparse_ops.STRATEGIES``) at the training step's size,
+    against the one the cost model picks. Checks the cost model on real (clustered) Fisher masks."""
     from peft_fish_ird import sparse_ops
 
     device = args.device
-    keep_ratio, _ = matched_keep_ratio(device)
-    examples = as_examples(make_batches(64, 16, args.tokens, "cpu", seed=1))
-    model = build_method("fishird", device, keep_ratio, examples)[0]
     n = 16 * args.tokens
     g = torch.Generator(device=device).manual_seed(0)
     layers = []
@@ -634,8 +640,9 @@ def main() -> None:
         "environment": environment(args.device),
     }
     result["fisher"] = bench_fisher(args)
-    result["training"] = bench_training(args)
-    result["strategies"] = bench_strategies(args)
+    result["training"], fishird_model = bench_training(args)
+    result["strategies"] = bench_strategies(args, fishird_model)
+    del fishird_model
     result["ird_and_size"] = bench_ird_and_size(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import warnings
@@ -63,3 +64,10 @@ def test_only_report_without_results_names_the_missing_file(tmp_path):
     )
     assert done.returncode == 2
     assert "none.json does not exist" in done.stderr
+
+
+def test_paired_quartiles_pair_each_repeat_with_the_reference_and_allow_one_repeat(speed):
+    times = {"ref": [1.0, 2.0, 4.0, 8.0], "m": [2.0, 2.0, 2.0, 2.0]}  # ratios 2, 1, 0.5, 0.25
+    assert speed.paired_quartiles(times, "ref")["m"] == statistics.quantiles([2.0, 1.0, 0.5, 0.25], n=4)
+    assert speed.paired_quartiles(times, "ref")["ref"] == [1.0, 1.0, 1.0]
+    assert speed.paired_quartiles({"ref": [2.0], "m": [3.0]}, "ref")["m"] == [1.5, 1.5, 1.5]
