@@ -4,15 +4,15 @@ Importing the package registers the ``FISH_IRD`` method type with PEFT, so ``get
 ``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` handle FishIRD adapters.
 """
 
-__version__ = "0.1.0"
-
-from ._registration import FishIRDPeftType, register  # noqa: E402
-from .config import FishIRDConfig  # noqa: E402
-from .fisher import FisherResult, NonFiniteFisherError, compute_fisher  # noqa: E402
-from .integration import FishIRDCallback, get_peft_model  # noqa: E402
-from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError  # noqa: E402
-from .model import FishIRDModel  # noqa: E402
-from .record import SelectionRecord  # noqa: E402
+from ._registration import register
+from ._version import __version__
+from .config import FishIRDConfig, FishIRDPeftType
+from .fisher import FisherResult, NonFiniteFisherError, compute_fisher
+from .integration import FishIRDCallback, get_peft_model
+from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError
+from .layer_types import register_layer_type
+from .model import FishIRDModel
+from .record import SelectionRecord
 
 register()
 
@@ -30,5 +30,6 @@ __all__ = [
     "compute_fisher",
     "get_peft_model",
     "register",
+    "register_layer_type",
     "__version__",
 ]

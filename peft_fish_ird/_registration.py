@@ -3,9 +3,10 @@
 PEFT 0.21's ``peft.utils.register_peft_method`` only accepts names that are members of PEFT's
 closed ``PeftType`` enum, so an out-of-tree method cannot use it. Nothing else in PEFT needs
 ``PeftType`` membership: a ``peft_type`` is looked up in three plain dicts of ``peft.mapping``
-(config class, tuner class, parameter prefix). This module defines our own one-member
-``str`` enum and writes those dicts itself, repeating the checks ``register_peft_method``
-meant to make. It is idempotent, so re-imports (pytest, notebooks) are harmless.
+(config class, tuner class, parameter prefix). This module writes those dicts itself, with our
+own one-member ``str`` enum (``config.FishIRDPeftType``), repeating the checks
+``register_peft_method`` meant to make. It is idempotent, so re-imports (pytest, notebooks) are
+harmless.
 
 PEFT has no plugin discovery: ``import peft_fish_ird`` must run before
 ``PeftConfig.from_pretrained`` / ``PeftModel.from_pretrained`` meets a saved FishIRD adapter.
@@ -13,20 +14,10 @@ PEFT has no plugin discovery: ``import peft_fish_ird`` must run before
 
 from __future__ import annotations
 
-import enum
-
 from peft import mapping
 
-PREFIX = "fishird_"
-
-
-class FishIRDPeftType(str, enum.Enum):
-    """``peft_type`` of FishIRD adapters (saved as the string ``"FISH_IRD"``)."""
-
-    FISH_IRD = "FISH_IRD"
-
-    def __str__(self) -> str:
-        return self.value
+from .config import PREFIX, FishIRDConfig, FishIRDPeftType
+from .model import FishIRDModel
 
 
 def register() -> None:
@@ -36,9 +27,6 @@ def register() -> None:
         KeyError: another package registered a different class under ``FISH_IRD`` or took
             the ``fishird_`` prefix.
     """
-    from .config import FishIRDConfig
-    from .model import FishIRDModel
-
     peft_type = FishIRDPeftType.FISH_IRD
     wanted = {
         "PEFT_TYPE_TO_CONFIG_MAPPING": FishIRDConfig,

@@ -1,20 +1,45 @@
-"""FishIRDConfig: the user-facing settings of FISH-mask / IRD sparse fine-tuning."""
+"""FishIRDConfig: the user-facing settings of FISH-mask / IRD sparse fine-tuning.
+
+Also home of the method's identity in PEFT (``FishIRDPeftType``, the parameter ``PREFIX``), so
+that registration, config and tuner all read it from one module without importing each other.
+"""
 
 from __future__ import annotations
 
+import enum
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
+from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 
-from ._registration import FishIRDPeftType
+from ._version import __version__
+from .evaluation import ScorerSettings
+from .ird import IRDSettings
+from .layer_types import describe_supported
 
-FISHER_TYPES = ("empirical", "expected")
-BUDGET_TYPES = ("global", "per_module")
-SELECTION_TYPES = ("fish", "ird", "ird_reverse", "ird_random", "random")
-IRD_SELECTIONS = ("ird", "ird_reverse", "ird_random")
-EVAL_METRICS = ("loss", "accuracy")
+PREFIX = "fishird_"  # in every adapter attribute name; PEFT matches on it (device moves, loading)
+
+
+class FishIRDPeftType(str, enum.Enum):
+    """``peft_type`` of FishIRD adapters (saved as the string ``"FISH_IRD"``)."""
+
+    FISH_IRD = "FISH_IRD"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FisherChoice = Literal["empirical", "expected"]
+BudgetChoice = Literal["global", "per_module"]
+SelectionChoice = Literal["fish", "ird", "ird_reverse", "ird_random", "random"]
+EvalMetricChoice = Literal["loss", "accuracy"]
+FISHER_TYPES = get_args(FisherChoice)
+BUDGET_TYPES = get_args(BudgetChoice)
+SELECTION_TYPES = get_args(SelectionChoice)
+IRD_SELECTIONS = tuple(s for s in SELECTION_TYPES if s.startswith("ird"))
+EVAL_METRICS = get_args(EvalMetricChoice)
 
 
 @dataclass
@@ -39,8 +64,8 @@ class FishIRDConfig(PeftConfig):
             "help": (
                 "Modules whose parameters are candidates for the sparse mask: a list of module names "
                 "(exact names or name suffixes) or one regex matched against full names. Default (None): "
-                "every supported module of the backbone - Linear (weight and bias), Embedding, LayerNorm "
-                "and GPT-2 Conv1D - except the task head, which is what the FISH reference ranks."
+                f"every supported module of the backbone ({describe_supported()}; weights and biases) except "
+                "the task head, which is what the FISH reference ranks."
             )
         },
     )
@@ -80,7 +105,7 @@ class FishIRDConfig(PeftConfig):
         default=1024,
         metadata={"help": "Training samples drawn (with `seed`) to estimate the Fisher information (FISH: 1024)."},
     )
-    fisher: Literal["empirical", "expected"] = field(
+    fisher: FisherChoice = field(
         default="empirical",
         metadata={
             "help": (
@@ -90,7 +115,7 @@ class FishIRDConfig(PeftConfig):
             )
         },
     )
-    budget: Literal["global", "per_module"] = field(
+    budget: BudgetChoice = field(
         default="global",
         metadata={
             "help": (
@@ -108,7 +133,7 @@ class FishIRDConfig(PeftConfig):
             )
         },
     )
-    selection: Literal["fish", "ird", "ird_reverse", "ird_random", "random"] = field(
+    selection: SelectionChoice = field(
         default="fish",
         metadata={
             "help": (
@@ -121,19 +146,19 @@ class FishIRDConfig(PeftConfig):
         },
     )
     ird_shrink: float = field(
-        default=0.5,
+        default=IRDSettings.shrink,
         metadata={"help": "IRD: share of the sample range and of the parameter range kept each round (0 < x < 1)."},
     )
     ird_rounds: Optional[int] = field(
-        default=None,
+        default=IRDSettings.rounds,
         metadata={"help": "IRD: maximum number of rounds (None: until `ird_min_samples` or the range reaches k)."},
     )
     ird_min_samples: int = field(
-        default=32,
+        default=IRDSettings.min_samples,
         metadata={"help": "IRD: stop before the sample range would hold fewer than this many samples."},
     )
     ird_selection_fraction: float = field(
-        default=0.1,
+        default=ScorerSettings.selection_fraction,
         metadata={
             "help": (
                 "IRD: share of the `prepare` data held out (never used for Fisher or the evaluator's training) to "
@@ -143,17 +168,19 @@ class FishIRDConfig(PeftConfig):
         },
     )
     ird_eval_steps: int = field(
-        default=50,
+        default=ScorerSettings.steps,
         metadata={"help": "IRD built-in evaluator: optimizer steps of the short masked fine-tune per candidate."},
     )
     ird_eval_batch_size: int = field(
-        default=16, metadata={"help": "IRD built-in evaluator: batch size of its fine-tune and scoring."}
+        default=ScorerSettings.batch_size,
+        metadata={"help": "IRD built-in evaluator: batch size of its fine-tune and scoring."},
     )
     ird_eval_lr: float = field(
-        default=1e-3, metadata={"help": "IRD built-in evaluator: AdamW learning rate of the short fine-tune."}
+        default=ScorerSettings.lr,
+        metadata={"help": "IRD built-in evaluator: AdamW learning rate of the short fine-tune."},
     )
-    ird_eval_metric: Literal["loss", "accuracy"] = field(
-        default="loss",
+    ird_eval_metric: EvalMetricChoice = field(
+        default=ScorerSettings.metric,
         metadata={"help": "IRD built-in evaluator: 'loss' (minus mean loss) or 'accuracy' on the selection split."},
     )
     seed: int = field(
@@ -182,8 +209,6 @@ class FishIRDConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = FishIRDPeftType.FISH_IRD
         if self.fishird_version is None:
-            from . import __version__
-
             self.fishird_version = __version__
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
@@ -201,6 +226,28 @@ class FishIRDConfig(PeftConfig):
         _warn_if_newer(config.fishird_version)
         config._fishird_loaded = True
         return config
+
+    def ird_settings(self) -> IRDSettings:
+        """The IRD search's settings, read off this config (the one place that maps them)."""
+        return IRDSettings(
+            shrink=self.ird_shrink,
+            rounds=self.ird_rounds,
+            min_samples=self.ird_min_samples,
+            direction="reverse" if self.selection == "ird_reverse" else "top",
+            sample_order="random" if self.selection == "ird_random" else "fisher",
+            budget=self.budget,
+            seed=self.seed,
+        )
+
+    def scorer_settings(self) -> ScorerSettings:
+        """The built-in IRD evaluator's settings, read off this config."""
+        return ScorerSettings(
+            selection_fraction=self.ird_selection_fraction,
+            steps=self.ird_eval_steps,
+            batch_size=self.ird_eval_batch_size,
+            lr=self.ird_eval_lr,
+            metric=self.ird_eval_metric,
+        )
 
     def _validate(self) -> None:
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
@@ -265,15 +312,15 @@ def _check_fraction(name: str, value: object, example: str) -> None:
 
 
 def _warn_if_newer(saved: Optional[str]) -> None:
-    from . import __version__
-
-    def parse(v: str) -> tuple[int, ...]:
-        return tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
-
-    if saved and parse(saved) > parse(__version__):
+    try:
+        newer = saved is not None and Version(saved) > Version(__version__)
+    except InvalidVersion:
+        newer = False  # a hand-edited or foreign version string: nothing to compare
+    if newer:
         warnings.warn(
             f"This adapter was saved by peft_fish_ird {saved}, newer than the installed {__version__}: settings it "
-            "added are ignored and loading may fail. Upgrade with `pip install -U peft-fish-ird`.",
+            "added are ignored and loading may fail. Install the newer version from its source (`pip install "
+            "git+<repository URL>` or `pip install -e <path to a checkout>`).",
             UserWarning,
             stacklevel=3,
         )

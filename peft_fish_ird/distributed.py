@@ -100,14 +100,15 @@ def check_not_sharded(model: nn.Module) -> None:
     Per-sample gradients need each rank to hold the full weights of the layer it scores; a
     sharded parameter would silently produce partial Fisher scores.
     """
-    for module in model.modules():
-        name = type(module).__name__  # FSDP1 wrapper, or FSDP2's FSDPModule / FSDP<Class> after fully_shard
-        if name == "FullyShardedDataParallel" or "FSDP" in name:
-            raise RuntimeError(_SHARDED_MESSAGE.format(what="FSDP"))
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules()):
+        raise RuntimeError(_SHARDED_MESSAGE.format(what="FSDP"))
     for param in model.parameters():
-        if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
+        if hasattr(param, "ds_id") or hasattr(param, "ds_status"):  # DeepSpeed marks partitioned parameters
             raise RuntimeError(_SHARDED_MESSAGE.format(what="DeepSpeed ZeRO-3"))
-        if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
+        if isinstance(param, DTensor) or isinstance(getattr(param, "data", None), DTensor):
             raise RuntimeError(_SHARDED_MESSAGE.format(what="DTensor-sharded parameters"))
 
 

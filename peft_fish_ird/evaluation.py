@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -67,6 +68,19 @@ def _restore(module: nn.Module, snap: dict[str, Any]) -> None:
         for name, value in snap["buffers"].items():
             if name in live and live[name].shape == value.shape:
                 live[name].copy_(value)
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """Settings of the built-in IRD evaluator. These defaults are the ``FishIRDConfig`` defaults
+    (``ird_selection_fraction`` and ``ird_eval_*``), turned into this object by
+    ``FishIRDConfig.scorer_settings()``."""
+
+    selection_fraction: float = 0.1
+    steps: int = 50
+    batch_size: int = 16
+    lr: float = 1e-3
+    metric: Literal["loss", "accuracy"] = "loss"
 
 
 class MaskedFineTuneScorer:

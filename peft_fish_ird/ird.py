@@ -1,7 +1,10 @@
 """Iterative Range Decreasing (IRD): search for a better sample-parameter pair than FISH's.
 
 This is the project's interpretation of Dong et al. (arXiv 2403.08484), whose code and
-pseudo-code are not public (see ``shared/design/method.md`` section 3)::
+pseudo-code are not public; only the abstract describes the idea (shrink the sample range and
+the parameter range toward higher Fisher information, score sample-parameter pairs by
+fine-tuning performance, keep the best). The README's "IRD selection" section says the same for
+users::
 
     S <- pool of N samples ; P <- all candidate entries ; best <- None
     for t = 1, 2, ...:
@@ -51,6 +54,9 @@ class IRDRound(NamedTuple):
 
 @dataclass(frozen=True)
 class IRDSettings:
+    """The search's settings. These defaults are the ``FishIRDConfig`` defaults (``ird_*`` fields),
+    which ``FishIRDConfig.ird_settings()`` turns into this object in one place."""
+
     shrink: float = 0.5
     rounds: Optional[int] = None
     min_samples: int = 32
@@ -68,7 +74,6 @@ class IRDResult:
     per_sample_gradients: int
     fisher_seconds: float
     scoring_seconds: float
-    first_round_masks: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     first_round_scores: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
@@ -97,7 +102,6 @@ def iterative_range_decreasing(
     ranges: Optional[dict[str, torch.Tensor]] = None
     trace: list[IRDRound] = []
     best: Optional[tuple[float, int, dict[str, torch.Tensor]]] = None
-    first: dict[str, torch.Tensor] = {}
     first_scores: dict[str, torch.Tensor] = {}
     plan: Optional[list[tuple[int, int]]] = None
     lowest = settings.direction == "reverse"
@@ -115,7 +119,7 @@ def iterative_range_decreasing(
             plan = schedule(num_samples, sum(s.numel() for s in result.scores.values()), k, settings)
         candidate = select(result.scores, k, settings.budget, ranges)
         if t == 1:
-            first, first_scores = candidate, result.scores
+            first_scores = result.scores
         value = None
         if len(plan) > 1:  # a single candidate needs no scoring
             scored_at = time.perf_counter()
@@ -133,7 +137,7 @@ def iterative_range_decreasing(
         next_samples, next_params = plan[t]
         ranges = shrink_range(result.scores, ranges, next_params, lowest=lowest)
         samples = _shrink_samples(samples, result.sample_scores, next_samples, settings, lowest, generator)
-    return IRDResult(best[2], best[1], trace, gradients, fisher_seconds, scoring_seconds, first, first_scores)
+    return IRDResult(best[2], best[1], trace, gradients, fisher_seconds, scoring_seconds, first_scores)
 
 
 def _shrink_samples(

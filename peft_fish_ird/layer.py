@@ -12,16 +12,14 @@ import warnings
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from torch.func import functional_call
 
-from .sparse_ops import EmbeddingRows, MatrixPattern, sparse_delta_embedding, sparse_delta_matmul
+from .layer_types import describe_supported, is_supported, layer_type_for
 
-SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.LayerNorm, Conv1D)
-PARAM_NAMES = ("weight", "bias")
+PARAM_NAMES = ("weight", "bias")  # the per-adapter containers below; a layer type uses a subset
 
 
 class UnpreparedAdapterError(RuntimeError):
@@ -37,7 +35,8 @@ def unprepared_message(adapter_name: str) -> str:
 
 
 def is_supported_layer(module: nn.Module) -> bool:
-    return isinstance(module, SUPPORTED_LAYER_TYPES)
+    """Whether FishIRD can adapt ``module`` (its type is in ``layer_types``' registry)."""
+    return is_supported(module)
 
 
 class FishIRDLayer(BaseTunerLayer):
@@ -63,7 +62,7 @@ class FishIRDLayer(BaseTunerLayer):
     def base_param_names(self) -> tuple[str, ...]:
         """Names of the base layer's parameters that can hold entries (``weight``, maybe ``bias``)."""
         base = self.get_base_layer()
-        return tuple(n for n in PARAM_NAMES if getattr(base, n, None) is not None)
+        return tuple(layer_type_for(base).parameters_of(base))
 
     def values(self, param_name: str) -> nn.ParameterDict:
         return getattr(self, f"fishird_{param_name}_values")
@@ -211,7 +210,7 @@ class FishIRDLayer(BaseTunerLayer):
 
 
 class FishIRDModule(nn.Module, FishIRDLayer):
-    """A supported module (Linear, Embedding, LayerNorm, Conv1D) with sparse deltas on its parameters."""
+    """A supported module (a type in ``layer_types``) with sparse deltas on its parameters."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, inference_mode: bool = False, **kwargs: Any):
         super().__init__()
@@ -219,7 +218,7 @@ class FishIRDModule(nn.Module, FishIRDLayer):
         if not is_supported_layer(base_layer):
             raise TypeError(
                 f"FishIRD cannot target {type(base_layer).__name__}: supported module types are "
-                f"{[t.__name__ for t in SUPPORTED_LAYER_TYPES]}. Remove it from `target_modules`."
+                f"{describe_supported()}. Remove it from `target_modules`."
             )
         self._active_adapter = adapter_name
         self._layout_cache: dict[str, tuple[torch.Tensor, Any]] = {}
@@ -242,41 +241,21 @@ class FishIRDModule(nn.Module, FishIRDLayer):
         active = [a for a in active if self.num_entries(a)]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if self.use_fast_path and len(active) == 1 and self._fast_path_applies():
-            return self._fast_forward(x, active[0])
+        entry = layer_type_for(self.base_layer)
+        if self.use_fast_path and len(active) == 1 and self._fast_path_applies(entry):
+            return entry.fast_forward(self, x, active[0])
         params = {name: self.effective_param(name, active) for name in self.base_param_names()}
-        return functional_forward(self.base_layer, x, params.get("weight"), params.get("bias"))
+        return functional_call(self.base_layer, params, (x, *args), kwargs)
 
-    def _fast_path_applies(self) -> bool:
-        base = self.base_layer
-        if any(p.requires_grad for p in base.parameters(recurse=False)):
-            return False  # base weights being trained too: let autograd form their gradients
-        if isinstance(base, nn.Embedding):
-            return base.max_norm is None and not base.scale_grad_by_freq and not base.sparse
-        return isinstance(base, (nn.Linear, Conv1D))
+    def _fast_path_applies(self, entry: Any) -> bool:
+        """The type's fast forward covers this call: it has one, and the base weights are frozen."""
+        if entry.fast_forward is None or not entry.fast_path_applies(self.base_layer):
+            return False
+        # base weights being trained too: let autograd form their gradients
+        return not any(p.requires_grad for p in self.base_layer.parameters(recurse=False))
 
-    def _fast_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """Only the input gradient and the values' gradient are computed (``sparse_ops``)."""
-        base = self.base_layer
-        w_idx = self.indices("weight")[adapter]
-        w_values = self.values("weight")[adapter]
-        if isinstance(base, nn.Embedding):
-            rows = self._cached(
-                adapter,
-                w_idx,
-                lambda: EmbeddingRows.build(w_idx, base.num_embeddings, base.embedding_dim, base.padding_idx),
-            )
-            return sparse_delta_embedding(x, base, rows, w_values)
-        pattern = self._cached(adapter, w_idx, lambda: MatrixPattern.build(w_idx, *base.weight.shape))
-        b_idx = b_values = None
-        if base.bias is not None and self.indices("bias")[adapter].numel():
-            b_idx, b_values = self.indices("bias")[adapter], self.values("bias")[adapter]
-        return sparse_delta_matmul(
-            x, base.weight, base.bias, pattern, w_values, b_idx, b_values, isinstance(base, Conv1D)
-        )
-
-    def _cached(self, adapter: str, indices: torch.Tensor, build: Any) -> Any:
-        """Layouts derived from the indices, rebuilt whenever the index tensor is replaced."""
+    def cached_layout(self, adapter: str, indices: torch.Tensor, build: Any) -> Any:
+        """Layouts derived from the indices (for fast forwards), rebuilt whenever the index tensor is replaced."""
         entry = self._layout_cache.get(adapter)
         if entry is None or entry[0] is not indices:
             entry = (indices, build())
@@ -285,24 +264,6 @@ class FishIRDModule(nn.Module, FishIRDLayer):
 
     def __repr__(self) -> str:
         return "fishird." + super().__repr__()
-
-
-def functional_forward(
-    base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
-) -> torch.Tensor:
-    """Run ``base``'s computation with ``weight`` / ``bias`` in place of its own parameters."""
-    if isinstance(base, nn.Linear):
-        return F.linear(x, weight, bias)
-    if isinstance(base, nn.Embedding):
-        return F.embedding(
-            x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-        )
-    if isinstance(base, nn.LayerNorm):
-        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
-    if isinstance(base, Conv1D):
-        out_shape = x.shape[:-1] + (base.nf,)
-        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(out_shape)
-    raise TypeError(f"No functional forward for {type(base).__name__}.")
 
 
 def _resize_pre_hook(module: FishIRDModule, state_dict: dict, prefix: str, *args: Any) -> None:

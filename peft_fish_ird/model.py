@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -19,19 +18,17 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from . import __version__, distributed
-from .config import IRD_SELECTIONS, FishIRDConfig
+from .config import PREFIX, FishIRDConfig
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
-from .prepare import PrepareJob, fill_masks, score_summary
+from .layer_types import describe_supported
+from .prepare import PrepareJob, fill_masks
 from .record import (
     SelectionRecord,
     check_record_shapes,
     indices_key_target,
-    mask_fingerprint,
     mask_fingerprint_of_checkpoint,
     reconcile_records,
 )
-from .selection import sparse_budget
 
 logger = logging.getLogger(__name__)
 RECORD_KEY = "fishird_selection_record"  # uint8 JSON of the SelectionRecord in adapter_model.safetensors
@@ -57,7 +54,7 @@ class FishIRDModel(BaseTuner):
         >>> model.prepare(train_dataset, data_collator=collator)
     """
 
-    prefix: str = "fishird_"
+    prefix: str = PREFIX
     tuner_layer_cls = FishIRDLayer
     target_module_mapping: dict[str, list[str]] = {}
 
@@ -70,8 +67,8 @@ class FishIRDModel(BaseTuner):
             peft_config.target_modules = default_target_modules(model, peft_config.modules_to_save or [])
             if not peft_config.target_modules:
                 raise ValueError(
-                    "FishIRD found no supported module (Linear, Embedding, LayerNorm, Conv1D) outside "
-                    "`modules_to_save`; pass `target_modules` explicitly."
+                    f"FishIRD found no supported module ({describe_supported()}) outside `modules_to_save`; pass "
+                    "`target_modules` explicitly."
                 )
         else:
             check_targets_match(model, peft_config)
@@ -91,10 +88,11 @@ class FishIRDModel(BaseTuner):
         if isinstance(target, FishIRDLayer):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode)
             return
+        check_not_shared(self.model, target, current_key)
         if not is_supported_layer(target):
             raise TypeError(
                 f"target_modules matched {current_key!r} ({type(target).__name__}), which FishIRD cannot adapt: "
-                "supported are Linear, Embedding, LayerNorm and GPT-2 Conv1D. Narrow `target_modules`."
+                f"supported are {describe_supported()}. Narrow `target_modules`."
             )
         new_module = FishIRDModule(target, adapter_name, inference_mode=peft_config.inference_mode)
         if adapter_name not in self.active_adapters:
@@ -208,83 +206,24 @@ class FishIRDModel(BaseTuner):
             progress: show progress bars.
             overwrite: allow replacing a mask whose values were already trained.
         """
-        start = time.perf_counter()
         adapter = self._single_adapter(adapter_name)
-        config: FishIRDConfig = self.peft_config[adapter]
         layers = self.fishird_layers(adapter)
         self._check_can_prepare(adapter, layers, overwrite)
-        distributed.check_not_sharded(self.model)
-        if distributed.ensure_process_group():
-            logger.info(
-                "FishIRD initialised torch.distributed (%d processes) for the Fisher pass.", distributed.world_size()
-            )
-        distributed.sync_module_states(self.model)
-        if (selection_dataset is not None or evaluator is not None) and config.selection not in IRD_SELECTIONS:
-            raise ValueError(
-                f"selection_dataset / evaluator are used by IRD only, but selection={config.selection!r}; set "
-                "selection='ird' (or a control) in the FishIRDConfig, or drop these arguments."
-            )
-        total, head = self.count_parameters()
-        k = sparse_budget(total, head, config.keep_ratio, config.head_in_budget)
         job = PrepareJob(
             self,
-            self._head_wrappers(),
             adapter,
-            config,
-            layers,
             train_dataset,
             data_collator,
-            batch_size or config.fisher_batch_size,
-            progress,
+            selection_dataset=selection_dataset,
+            evaluator=evaluator,
+            batch_size=batch_size,
+            progress=progress,
         )
-        if config.selection == "fish":
-            outcome = job.fish(k)
-        elif config.selection == "random":
-            outcome = job.random(k)
-        else:
-            outcome = job.ird(k, selection_dataset, evaluator)
+        outcome = job.run()
         fill_masks(adapter, layers, outcome.masks)
-        record = SelectionRecord(
-            method=config.selection,
-            adapter_name=adapter,
-            fisher=config.fisher,
-            budget=config.budget,
-            keep_ratio=config.keep_ratio,
-            head_in_budget=config.head_in_budget,
-            seed=config.seed,
-            num_samples_requested=config.num_samples,
-            num_samples_used=len(outcome.sample_indices),
-            sample_indices=outcome.sample_indices,
-            total_params=total,
-            head_params=head,
-            k=k,
-            entries_per_param={key: int(idx.numel()) for key, idx in outcome.masks.items()},
-            shapes={key: list(shape) for key, shape in job.shapes().items()},
-            score_summary=score_summary(outcome.scores, outcome.masks) if outcome.scores else {},
-            fisher_seconds=round(outcome.fisher_seconds, 3),
-            seconds=round(time.perf_counter() - start, 3),
-            versions={"peft_fish_ird": __version__, "torch": torch.__version__},
-            trace=outcome.trace,
-            best_round=outcome.best_round,
-            per_sample_gradients=outcome.per_sample_gradients,
-            scoring_seconds=round(outcome.scoring_seconds, 3),
-            selection_samples=outcome.selection_samples,
-            settings=job.settings_summary(evaluator),
-            mask_sha256=mask_fingerprint(outcome.masks),
-        )
-        config.selection_record = record.to_dict()
-        logger.info(
-            "FishIRD prepare (%s): %d sparse entries (%.3f%% of %d params; head %d), round %d of %d, %.1fs",
-            config.selection,
-            k,
-            100.0 * k / total,
-            total,
-            head,
-            record.best_round,
-            len(record.trace),
-            record.seconds,
-        )
-        return record
+        self.peft_config[adapter].selection_record = outcome.record.to_dict()
+        _log_summary(outcome.record)
+        return outcome.record
 
     def _check_can_prepare(self, adapter: str, layers: dict[str, FishIRDLayer], overwrite: bool) -> None:
         if not layers:
@@ -306,8 +245,23 @@ class FishIRDModel(BaseTuner):
                 "overwrite=True to select a new mask anyway, or add a new adapter with `add_adapter`."
             )
 
-    def _head_wrappers(self) -> list[ModulesToSaveWrapper]:
+    def head_wrappers(self) -> list[ModulesToSaveWrapper]:
+        """PEFT's wrappers of the densely trained head (``modules_to_save``)."""
         return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def _log_summary(record: SelectionRecord) -> None:
+    logger.info(
+        "FishIRD prepare (%s): %d sparse entries (%.3f%% of %d params; head %d), round %d of %d, %.1fs",
+        record.method,
+        record.k,
+        100.0 * record.k / record.total_params,
+        record.total_params,
+        record.head_params,
+        record.best_round,
+        len(record.trace),
+        record.seconds,
+    )
 
 
 def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list[str]:
@@ -320,6 +274,7 @@ def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list
     names: list[str] = []
     skip_under: list[str] = []
     owners: dict[int, list[str]] = {}
+    unsupported: dict[str, int] = {}
     for name, module in model.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in skip_under):
             continue
@@ -333,10 +288,40 @@ def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list
             names.append(name)
             for p in base.parameters(recurse=False):
                 owners.setdefault(id(p), []).append(name)
+        elif any(True for _ in base.parameters(recurse=False)):
+            unsupported[type(base).__name__] = unsupported.get(type(base).__name__, 0) + 1
+    if unsupported:
+        logger.warning(
+            "FishIRD has no layer type for %s, so their parameters are not mask candidates (supported: %s; "
+            "register a type with `peft_fish_ird.register_layer_type`).",
+            ", ".join(f"{n} ({c} modules)" for n, c in sorted(unsupported.items())),
+            describe_supported(),
+        )
     tied = {n for group in owners.values() if len(group) > 1 for n in group}
     if tied:
         logger.warning("FishIRD leaves out modules with tied weights: %s", sorted(tied))
     return [n for n in names if n not in tied]
+
+
+def check_not_shared(model: nn.Module, target: nn.Module, target_name: str) -> None:
+    """Refuse a target whose weight another module also uses (tied embeddings and output head).
+
+    The sparse delta would apply at one use only, and merging would write it into the shared tensor,
+    changing every use: the merged model would silently differ from the adapter.
+    """
+    mine = {id(p): n for n, p in target.named_parameters(recurse=False)}
+    if not mine:
+        return
+    for name, module in model.named_modules():
+        if module is target or isinstance(module, BaseTunerLayer):
+            continue
+        for param in module.parameters(recurse=False):
+            if id(param) in mine:
+                raise ValueError(
+                    f"FishIRD cannot target {target_name!r}: its {mine[id(param)]} is shared with {name!r} (tied "
+                    "weights), so a sparse delta would apply at one use and a merge would change both. Leave it out "
+                    "of `target_modules` (the default targets already do), or untie the weights first."
+                )
 
 
 def check_targets_match(model: nn.Module, config: FishIRDConfig) -> None:

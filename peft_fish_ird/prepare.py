@@ -1,14 +1,17 @@
 """The ``prepare`` pipeline: data plumbing around the Fisher engine, the selection and IRD.
 
-``FishIRDModel.prepare`` validates, then builds a ``PrepareJob`` whose ``fish`` / ``random`` /
-``ird`` method returns an ``Outcome`` (the masks plus what the record needs); the tuner fills the
-layers with ``fill_masks`` and writes the record.
+``FishIRDModel.prepare`` checks the adapter, then ``PrepareJob(...).run()`` draws the data, runs
+the selection named by ``config.selection`` (through the ``SELECTIONS`` table) and returns an
+``Outcome``: the masks and the ``SelectionRecord`` describing them. The tuner fills the layers
+with ``fill_masks`` and stores the record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -17,13 +20,15 @@ import torch
 from torch import nn
 
 from . import distributed
+from ._version import __version__
 from .config import IRD_SELECTIONS, FishIRDConfig
 from .data import check_sequence_length, collate_indices, fisher_batches, move_to, require_indexable, seeded_permutation
 from .evaluation import MaskedFineTuneScorer, isolated_candidate
 from .fisher import compute_fisher
-from .ird import IRDRound, IRDSettings, iterative_range_decreasing, schedule
+from .ird import IRDRound, iterative_range_decreasing, schedule
 from .layer import FishIRDLayer
-from .selection import random_mask, select
+from .record import SelectionRecord, mask_fingerprint
+from .selection import random_mask, select, sparse_budget
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +79,9 @@ def score_summary(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor
 
 
 @dataclass
-class Outcome:
+class Selected:
+    """What one selection (``fish`` / ``random`` / ``ird``) found, before it becomes a record."""
+
     masks: dict[str, torch.Tensor]
     sample_indices: list[int]
     scores: dict[str, torch.Tensor]
@@ -86,26 +93,58 @@ class Outcome:
     selection_samples: int = 0
 
 
+@dataclass
+class Outcome:
+    """The result of ``PrepareJob.run``: the masks to fill and the record describing them."""
+
+    masks: dict[str, torch.Tensor]
+    record: SelectionRecord
+
+
 class PrepareJob:
     """One ``prepare`` call: data plumbing around the Fisher engine, the selection and IRD."""
 
     def __init__(
         self,
-        tuner: nn.Module,
-        head_wrappers: list[nn.Module],
+        tuner: Any,
         adapter: str,
-        config: FishIRDConfig,
-        layers: dict[str, FishIRDLayer],
         data: Any,
-        collator: Optional[Callable],
-        batch_size: int,
-        progress: bool,
+        collator: Optional[Callable] = None,
+        *,
+        selection_dataset: Any = None,
+        evaluator: Optional[Callable[[nn.Module], float]] = None,
+        batch_size: Optional[int] = None,
+        progress: bool = True,
     ) -> None:
-        self.tuner, self.model, self.head_wrappers = tuner, tuner.model, head_wrappers
-        self.adapter, self.config, self.layers = adapter, config, layers
-        self.data, self.collator, self.batch_size, self.progress = data, collator, batch_size, progress
-        self.targets = {name: layer.get_base_layer() for name, layer in layers.items()}
+        self.tuner, self.model, self.adapter = tuner, tuner.model, adapter
+        self.config: FishIRDConfig = tuner.peft_config[adapter]
+        self.layers: dict[str, FishIRDLayer] = tuner.fishird_layers(adapter)
+        self.head_wrappers = tuner.head_wrappers()
+        self.data, self.collator, self.progress = data, collator, progress
+        self.selection_dataset, self.evaluator = selection_dataset, evaluator
+        self.batch_size = batch_size or self.config.fisher_batch_size
+        self.targets = {name: layer.get_base_layer() for name, layer in self.layers.items()}
         self.device = next(self.model.parameters()).device
+        if (selection_dataset is not None or evaluator is not None) and self.config.selection not in IRD_SELECTIONS:
+            raise ValueError(
+                f"selection_dataset / evaluator are used by IRD only, but selection={self.config.selection!r}; set "
+                "selection='ird' (or a control) in the FishIRDConfig, or drop these arguments."
+            )
+
+    def run(self) -> Outcome:
+        """Bring the processes together, select the mask with ``config.selection``, describe it."""
+        start = time.perf_counter()
+        distributed.check_not_sharded(self.model)
+        if distributed.ensure_process_group():
+            logger.info(
+                "FishIRD initialised torch.distributed (%d processes) for the Fisher pass.", distributed.world_size()
+            )
+        distributed.sync_module_states(self.model)
+        total, head = self.tuner.count_parameters()
+        k = sparse_budget(total, head, self.config.keep_ratio, self.config.head_in_budget)
+        selected = SELECTIONS[self.config.selection](self, k)
+        record = self.record(selected, total, head, k, time.perf_counter() - start)
+        return Outcome(selected.masks, record)
 
     def shapes(self) -> dict[str, torch.Size]:
         return {
@@ -114,22 +153,47 @@ class PrepareJob:
             for p in self.layers[name].base_param_names()
         }
 
-    def settings_summary(self, evaluator: Optional[Callable]) -> dict[str, Any]:
+    def settings_summary(self) -> dict[str, Any]:
+        """The settings that shaped the mask (saved in the record), read off the config once."""
         c = self.config
         out: dict[str, Any] = {"selection": c.selection, "fisher_batch_size": self.batch_size}
         if c.selection in IRD_SELECTIONS:
-            out.update(
-                ird_shrink=c.ird_shrink,
-                ird_rounds=c.ird_rounds,
-                ird_min_samples=c.ird_min_samples,
-                ird_selection_fraction=c.ird_selection_fraction,
-                ird_eval_steps=c.ird_eval_steps,
-                ird_eval_batch_size=c.ird_eval_batch_size,
-                ird_eval_lr=c.ird_eval_lr,
-                ird_eval_metric=c.ird_eval_metric,
-                evaluator="user" if evaluator is not None else "built-in",
-            )
+            out["ird"] = dataclasses.asdict(c.ird_settings())
+            out["evaluator"] = "user" if self.evaluator is not None else "built-in"
+            if self.evaluator is None:
+                out["scorer"] = dataclasses.asdict(c.scorer_settings())
         return out
+
+    def record(self, selected: Selected, total: int, head: int, k: int, seconds: float) -> SelectionRecord:
+        c = self.config
+        return SelectionRecord(
+            method=c.selection,
+            adapter_name=self.adapter,
+            fisher=c.fisher,
+            budget=c.budget,
+            keep_ratio=c.keep_ratio,
+            head_in_budget=c.head_in_budget,
+            seed=c.seed,
+            num_samples_requested=c.num_samples,
+            num_samples_used=len(selected.sample_indices),
+            sample_indices=selected.sample_indices,
+            total_params=total,
+            head_params=head,
+            k=k,
+            entries_per_param={key: int(idx.numel()) for key, idx in selected.masks.items()},
+            shapes={key: list(shape) for key, shape in self.shapes().items()},
+            score_summary=score_summary(selected.scores, selected.masks) if selected.scores else {},
+            fisher_seconds=round(selected.fisher_seconds, 3),
+            seconds=round(seconds, 3),
+            versions={"peft_fish_ird": __version__, "torch": torch.__version__},
+            trace=selected.trace,
+            best_round=selected.best_round,
+            per_sample_gradients=selected.per_sample_gradients,
+            scoring_seconds=round(selected.scoring_seconds, 3),
+            selection_samples=selected.selection_samples,
+            settings=self.settings_summary(),
+            mask_sha256=mask_fingerprint(selected.masks),
+        )
 
     def _fisher(self, batches: list[dict[str, Any]], ranges: Optional[dict[str, torch.Tensor]], desc: str):
         check_sequence_length(self.model, batches)
@@ -145,7 +209,7 @@ class PrepareJob:
                 desc=desc,
             )
 
-    def fish(self, k: int) -> Outcome:
+    def fish(self, k: int) -> Selected:
         drawn = fisher_batches(
             self.data,
             model=self.model,
@@ -157,35 +221,55 @@ class PrepareJob:
         result = self._fisher(drawn.batches, None, "FISH Fisher")
         check_some_information(result.scores)
         masks = select(result.scores, k, self.config.budget)
-        trace = [
-            IRDRound(
-                1, result.num_samples, sum(s.numel() for s in result.scores.values()), None, round(result.seconds, 3)
-            )
-        ]
-        return Outcome(masks, drawn.sample_indices, result.scores, trace, 1, result.num_samples, result.seconds)
+        n_params = sum(s.numel() for s in result.scores.values())
+        trace = [IRDRound(1, result.num_samples, n_params, None, round(result.seconds, 3))]
+        return Selected(masks, drawn.sample_indices, result.scores, trace, 1, result.num_samples, result.seconds)
 
-    def random(self, k: int) -> Outcome:
+    def random(self, k: int) -> Selected:
         sizes = {key: int(torch.Size(shape).numel()) for key, shape in self.shapes().items()}
         masks = random_mask(sizes, k, self.config.seed)
-        return Outcome(masks, [], {}, [IRDRound(1, 0, sum(sizes.values()), None, 0.0)])
+        return Selected(masks, [], {}, [IRDRound(1, 0, sum(sizes.values()), None, 0.0)])
 
-    def ird(self, k: int, selection_dataset: Any, evaluator: Optional[Callable[[nn.Module], float]]) -> Outcome:
+    def ird(self, k: int) -> Selected:
         c = self.config
         require_indexable(self.data, f"selection={c.selection!r}")
-        n = len(self.data)
-        settings = IRDSettings(
-            shrink=c.ird_shrink,
-            rounds=c.ird_rounds,
-            min_samples=c.ird_min_samples,
-            direction="reverse" if c.selection == "ird_reverse" else "top",
-            sample_order="random" if c.selection == "ird_random" else "fisher",
-            budget=c.budget,
-            seed=c.seed,
+        settings = c.ird_settings()
+        pool, held_out = self._ird_split(k, settings)
+
+        def fisher_pass(positions, ranges, desc):
+            batches = collate_indices(
+                self.data,
+                [pool[i] for i in positions],
+                model=self.model,
+                batch_size=self.batch_size,
+                data_collator=self.collator,
+            )
+            return self._fisher(batches, ranges, desc)
+
+        result = iterative_range_decreasing(len(pool), k, fisher_pass, self._scorer(pool, held_out), settings)
+        if self.evaluator is not None:
+            selection_samples = 0
+        else:
+            selection_samples = len(held_out) if self.selection_dataset is None else len(self.selection_dataset)
+        return Selected(
+            result.masks,
+            pool,
+            result.first_round_scores,
+            result.trace,
+            result.best_round,
+            result.per_sample_gradients,
+            result.fisher_seconds,
+            result.scoring_seconds,
+            selection_samples,
         )
+
+    def _ird_split(self, k: int, settings: Any) -> tuple[list[int], list[int]]:
+        """The Fisher pool and the held-out selection split (both positions in ``data``)."""
+        c, n = self.config, len(self.data)
         candidates = sum(int(torch.Size(s).numel()) for s in self.shapes().values())
         plan = schedule(min(c.num_samples, n), candidates, k, settings)
         held_out_size = 0
-        if len(plan) > 1 and evaluator is None and selection_dataset is None:
+        if len(plan) > 1 and self.evaluator is None and self.selection_dataset is None:
             held_out_size = max(1, round(c.ird_selection_fraction * n))
         order = seeded_permutation(n, c.seed)
         pool = order[: min(c.num_samples, n - held_out_size)]
@@ -202,35 +286,9 @@ class PrepareJob:
                 c.num_samples,
                 held_out_size,
             )
+        return pool, held_out
 
-        def fisher_pass(positions, ranges, desc):
-            batches = collate_indices(
-                self.data,
-                [pool[i] for i in positions],
-                model=self.model,
-                batch_size=self.batch_size,
-                data_collator=self.collator,
-            )
-            return self._fisher(batches, ranges, desc)
-
-        scorer = self._scorer(pool, held_out, selection_dataset, evaluator)
-        result = iterative_range_decreasing(len(pool), k, fisher_pass, scorer, settings)
-        selection_samples = len(held_out) if selection_dataset is None else len(selection_dataset)
-        return Outcome(
-            result.masks,
-            pool,
-            result.first_round_scores,
-            result.trace,
-            result.best_round,
-            result.per_sample_gradients,
-            result.fisher_seconds,
-            result.scoring_seconds,
-            selection_samples if evaluator is None else 0,
-        )
-
-    def _scorer(
-        self, pool: list[int], held_out: list[int], selection_dataset: Any, evaluator: Optional[Callable]
-    ) -> Callable[[dict[str, torch.Tensor]], float]:
+    def _scorer(self, pool: list[int], held_out: list[int]) -> Callable[[dict[str, torch.Tensor]], float]:
         adapter, layers = self.adapter, self.layers
         heads = [w.modules_to_save[adapter] for w in self.head_wrappers if adapter in w.modules_to_save]
         state_modules = [*layers.values(), *heads]
@@ -242,10 +300,11 @@ class PrepareJob:
                 p.requires_grad_(True)
             return params
 
-        if evaluator is not None:
+        if self.evaluator is not None:
+            evaluator = self.evaluator
             inner = lambda: evaluator(self.tuner)  # noqa: E731
         else:
-            inner = self._builtin_scorer(pool, held_out, selection_dataset, trainable)
+            inner = self._builtin_scorer(pool, held_out, trainable)
 
         def score(masks: dict[str, torch.Tensor]) -> float:
             fill = lambda m: fill_masks(adapter, layers, m)  # noqa: E731
@@ -254,29 +313,34 @@ class PrepareJob:
 
         return score
 
-    def _builtin_scorer(self, pool, held_out, selection_dataset, trainable) -> MaskedFineTuneScorer:
-        c = self.config
-        if selection_dataset is not None:
-            require_indexable(selection_dataset, "selection_dataset")
-            sel_source, sel_indices = selection_dataset, list(range(len(selection_dataset)))
+    def _builtin_scorer(self, pool, held_out, trainable) -> MaskedFineTuneScorer:
+        c = self.config.scorer_settings()
+        if self.selection_dataset is not None:
+            require_indexable(self.selection_dataset, "selection_dataset")
+            sel_source, sel_indices = self.selection_dataset, list(range(len(self.selection_dataset)))
         else:
             sel_source, sel_indices = self.data, held_out
 
         def collate(data: Any, idx: list[int]) -> list[dict[str, Any]]:
-            batches = collate_indices(
-                data, idx, model=self.model, batch_size=c.ird_eval_batch_size, data_collator=self.collator
-            )
+            batches = collate_indices(data, idx, model=self.model, batch_size=c.batch_size, data_collator=self.collator)
             return [move_to(b, self.device) for b in batches]
 
-        needed = c.ird_eval_steps * c.ird_eval_batch_size
-        order = seeded_permutation(len(pool), c.seed + 1)
-        train_indices = [pool[order[i % len(order)]] for i in range(needed)]
+        order = seeded_permutation(len(pool), self.config.seed + 1)
+        train_indices = [pool[order[i % len(order)]] for i in range(c.steps * c.batch_size)]
         return MaskedFineTuneScorer(
             self.model,
             trainable,
             collate(self.data, train_indices),
             collate(sel_source, sel_indices),
-            lr=c.ird_eval_lr,
-            metric=c.ird_eval_metric,
-            seed=c.seed,
+            lr=c.lr,
+            metric=c.metric,
+            seed=self.config.seed,
         )
+
+
+# config.selection -> the PrepareJob method that makes the mask
+SELECTIONS: dict[str, Callable[[PrepareJob, int], Selected]] = {
+    "fish": PrepareJob.fish,
+    "random": PrepareJob.random,
+    **dict.fromkeys(IRD_SELECTIONS, PrepareJob.ird),
+}

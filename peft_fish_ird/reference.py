@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from .fisher import (
-    PARAM_NAMES,
     FisherResult,
     FisherType,
     LossFn,
@@ -70,7 +69,7 @@ def fisher_loop(
     named = {
         f"{name}.{p}": getattr(module, p)
         for name, module in targets.items()
-        for p in PARAM_NAMES
+        for p in ("weight", "bias")  # the oracle scores any module's own weight and bias
         if isinstance(getattr(module, p, None), torch.Tensor)
     }
     masks = {k: v.bool() for k, v in (sample_score_masks or {}).items()}

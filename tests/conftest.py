@@ -55,6 +55,52 @@ def tiny_gpt2(seed: int = 0, num_labels: int = 2) -> GPT2ForSequenceClassificati
     return GPT2ForSequenceClassification(cfg).eval()
 
 
+def tiny_llama(seed: int = 0, tied: bool = False):
+    """A random-weight Llama causal LM (RMSNorm, no biases), tied or untied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        pad_token_id=PAD,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def lm_examples(n: int, seed: int = 0, prompt_len: int = 3) -> list[dict]:
+    """Causal-LM examples with SFT-style labels: the first ``prompt_len`` tokens are -100."""
+    out = []
+    for e in make_examples(n, seed=seed, min_len=prompt_len + 2, max_len=12):
+        labels = [-100] * prompt_len + e["input_ids"][prompt_len:]
+        out.append({"input_ids": e["input_ids"], "attention_mask": e["attention_mask"], "labels": labels})
+    return out
+
+
+def lm_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-pads ids with PAD and labels with -100 (padding never counts in the loss)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {
+        k: torch.full((len(examples), width), fill, dtype=torch.long)
+        for k, fill in (("input_ids", PAD), ("attention_mask", 0), ("labels", -100))
+    }
+    for i, e in enumerate(examples):
+        for key in batch:
+            batch[key][i, : len(e[key])] = torch.tensor(e[key])
+    return batch
+
+
+def lm_batches(n: int, size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    examples = lm_examples(n, seed=seed)
+    return [lm_collate(examples[i : i + size]) for i in range(0, n, size)]
+
+
 def make_examples(n: int, seed: int = 0, min_len: int = 3, max_len: int = 12, num_labels: int = 2) -> list[dict]:
     """Tokenized examples of varying length (ids never equal PAD), with labels."""
     g = torch.Generator().manual_seed(seed)

@@ -47,11 +47,15 @@ def test_sharded_parameters_are_refused_before_the_fisher_pass():
         model.prepare(make_examples(24), data_collator=pad_collate, progress=False)
 
 
-def test_fsdp_wrapped_module_is_refused():
-    class FullyShardedDataParallel(nn.Module):  # stands in for torch's FSDP wrapper (needs a process group)
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
+def test_fsdp_wrapped_module_is_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
 
-    with pytest.raises(RuntimeError, match="FSDP"):
-        distributed.check_not_sharded(FullyShardedDataParallel(nn.Linear(2, 2)))
+    # a real FSDP2 module: fully_shard needs a process group, here one process with gloo
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        sharded = fully_shard(nn.Sequential(nn.Linear(2, 2)))
+        with pytest.raises(RuntimeError, match="FSDP"):
+            distributed.check_not_sharded(sharded)
+    finally:
+        dist.destroy_process_group()

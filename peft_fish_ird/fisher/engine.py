@@ -1,0 +1,206 @@
+"""Fisher engine: exact sums of squared per-sample gradients, computed in batches.
+
+For samples n and parameter entries j, with g_nj the gradient of sample n's own loss:
+
+* ``empirical``: ``F_j = sum_n g_nj**2`` where the loss is that of the true label;
+* ``expected`` (classification): ``F_j = sum_n sum_c p(c|x_n) * (d(-log p(c|x_n))/d theta_j)**2``;
+* per-sample scores: ``s_n = sum_{j in P} g_nj**2`` (optionally restricted to a parameter range P).
+
+A sample's loss is its *own* loss (``losses.py``), so per-sample gradients do not depend on the
+batch size. The batch loss that is back-propagated is the SUM of per-sample losses; each layer's
+per-sample gradient is then formed from the layer input and output gradient by its type's rule
+(``layer_types``) in a tensor hook, squared and summed at once (``sink.py``): memory stays at one
+layer's ``B x numel`` at a time and the base parameters never get a ``.grad``. Per-sample
+gradients and each batch's sums are float32 whatever the model's dtype; the totals over batches
+are float64, so the order in which batches (or ranks, under ``torch.distributed``) are added does
+not change the ranking.
+
+This package never imports PEFT; ``reference.fisher_loop`` is its slow, obvious twin.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, get_args
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..layer_types import describe_supported, layer_type_for
+from .hooks import FisherHooks, frozen_eval
+from .losses import LossFn, class_log_probs, output_logits, per_sample_losses
+
+FisherType = Literal["empirical", "expected"]
+
+
+class NonFiniteFisherError(FloatingPointError):
+    """A sample produced a NaN/inf loss or gradient during the Fisher pass."""
+
+
+@dataclass
+class FisherResult:
+    """Output of a Fisher pass.
+
+    Attributes:
+        scores: ``"<module>.<param>"`` -> float64 tensor of the parameter's shape, ``F_j``.
+        sample_scores: float32 ``(num_samples,)``, ``s_n`` in the order the samples were fed.
+        num_samples: samples seen.
+        seconds: wall time of the pass.
+    """
+
+    scores: dict[str, torch.Tensor]
+    sample_scores: torch.Tensor
+    num_samples: int
+    seconds: float
+
+
+def batch_size_of(batch: Mapping[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    raise ValueError("Fisher batch holds no tensors; pass collated batches (dicts of tensors).")
+
+
+def check_targets(targets: Mapping[str, nn.Module]) -> None:
+    missing = {name: type(m).__name__ for name, m in targets.items() if layer_type_for(m) is None}
+    if missing:
+        raise TypeError(
+            f"No per-sample Fisher rule for {missing}. Supported types: {describe_supported()}; exclude these "
+            "modules or register the type with `peft_fish_ird.layer_types.register_layer_type`."
+        )
+
+
+# --------------------------------------------------------------------------- entry point
+def compute_fisher(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    targets: Mapping[str, nn.Module],
+    fisher: FisherType = "empirical",
+    *,
+    sample_score_masks: Optional[Mapping[str, torch.Tensor]] = None,
+    loss_fn: Optional[LossFn] = None,
+    progress: bool = True,
+    desc: str = "Fisher",
+) -> FisherResult:
+    """Exact diagonal Fisher of ``targets``' parameters over the samples in ``batches``.
+
+    Args:
+        model: called as ``model(**batch_without_labels)``; must return logits (``.logits`` or first item).
+        batches: collated batches (dicts of batch-first tensors) holding ``labels``.
+        targets: name -> module whose ``weight``/``bias`` are scored (types in ``layer_types``).
+        fisher: ``"empirical"`` or ``"expected"`` (see module docstring).
+        sample_score_masks: ``"<module>.<param>"`` -> bool mask (parameter shape): restricts the
+            per-sample scores ``s_n`` to a parameter range. Default: all entries.
+        loss_fn: ``loss_fn(logits, labels) -> (B,)`` per-sample losses (empirical only).
+        progress: show a tqdm bar (rank 0 only).
+
+    Under ``torch.distributed`` (more than one rank) every rank must pass the same batches; rank r
+    back-propagates batches r, r + world, ... and the sums are all-reduced, so all ranks return
+    the same result.
+
+    Raises:
+        NonFiniteFisherError: a sample's loss or gradient is NaN/inf (its index is named).
+    """
+    if fisher not in get_args(FisherType):
+        raise ValueError(f"fisher={fisher!r}: choose one of {get_args(FisherType)}.")
+    check_targets(targets)
+    loss_fn = loss_fn or per_sample_losses
+    batches = list(batches)
+    sizes = [batch_size_of(b) for b in batches]
+    mine = [i for i in range(len(batches)) if i % distributed.world_size() == distributed.rank()]
+    hooks = FisherHooks(targets, sample_score_masks or {})
+    sample_scores = torch.zeros(sum(sizes), dtype=torch.float32, device=_device_of(model))
+    start = time.perf_counter()
+    show = progress and distributed.is_main_process()
+    with frozen_eval(model), hooks.installed(), torch.enable_grad():
+        batch_order = tqdm(mine, total=len(mine), desc=desc, unit="batch", disable=not show)
+        first_bad = _accumulate(model, batches, batch_order, sizes, hooks, sample_scores, fisher, loss_fn)
+    _reduce(hooks.totals, sample_scores, first_bad)
+    if int(first_bad[0]) != _NO_BAD_SAMPLE:
+        raise NonFiniteFisherError(
+            f"Fisher sample {int(first_bad[0])} (0-based, in the order drawn) produced a non-finite loss or "
+            "gradient. Check that sample's inputs/labels, or run the model in float32."
+        )
+    return FisherResult(_shaped(hooks.totals, targets), sample_scores.cpu(), sum(sizes), time.perf_counter() - start)
+
+
+def _shaped(totals: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Flat float64 totals as tensors of their parameters' shapes."""
+    out = {}
+    for key, flat in totals.items():
+        module_name, param_name = key.rsplit(".", 1)
+        out[key] = flat.view(getattr(targets[module_name], param_name).shape)
+    return out
+
+
+_NO_BAD_SAMPLE = 2**62
+
+
+def _accumulate(model, batches, order, sizes, hooks, sample_scores, fisher, loss_fn) -> torch.Tensor:
+    """Back-propagate this rank's batches into ``hooks``' sums; returns the first bad sample (or the sentinel)."""
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    first_bad = torch.tensor([_NO_BAD_SAMPLE], dtype=torch.int64)
+    for i in order:
+        hooks.begin_batch(sizes[i], sample_scores.device)
+        bad = _backward_batch(model, batches[i], fisher, loss_fn)
+        if bad is None:
+            bad = _first_non_finite(hooks.batch_sample_scores)
+        if bad is not None:  # keep going so every rank reaches the collectives after the loop
+            first_bad[0] = min(int(first_bad[0]), offsets[i] + bad)
+            hooks.discard_batch()
+            continue
+        hooks.end_batch()
+        sample_scores[offsets[i] : offsets[i] + sizes[i]] = hooks.batch_sample_scores
+    return first_bad
+
+
+def _backward_batch(model: nn.Module, batch: Mapping[str, Any], fisher: str, loss_fn: LossFn) -> Optional[int]:
+    """Forward and backward of one batch; returns the in-batch index of a non-finite loss, if any."""
+    labels = batch.get("labels")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = output_logits(model(**inputs))
+    if fisher == "empirical":
+        losses = loss_fn(logits, labels)
+        bad = _first_non_finite(losses)
+        if bad is None:
+            losses.sum().backward()
+        return bad
+    log_p = class_log_probs(logits)
+    bad = _first_non_finite(log_p.sum(-1))
+    if bad is not None:
+        return bad
+    weight = log_p.detach().exp().sqrt()  # sum_c p_c g_c^2 = sum_c (sqrt(p_c) g_c)^2
+    for c in range(log_p.shape[-1]):
+        (-(log_p[:, c] * weight[:, c])).sum().backward(retain_graph=c < log_p.shape[-1] - 1)
+    return None
+
+
+def _reduce(totals: dict[str, torch.Tensor], sample_scores: torch.Tensor, first_bad: torch.Tensor) -> None:
+    """Sum every rank's share (float64 totals; disjoint per-sample slots) and agree on errors."""
+    if not distributed.is_distributed():
+        return
+    bad, _ = distributed.collective_tensor(first_bad)
+    distributed.all_reduce_(bad, "min")
+    first_bad.copy_(bad.cpu())
+    for key, total in totals.items():
+        shared, home = distributed.collective_tensor(total)
+        distributed.all_reduce_(shared)
+        totals[key] = shared.to(home)
+    shared, home = distributed.collective_tensor(sample_scores)
+    distributed.all_reduce_(shared)
+    sample_scores.copy_(shared.to(home))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _first_non_finite(values: torch.Tensor) -> Optional[int]:
+    bad = ~torch.isfinite(values)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None

@@ -1,0 +1,32 @@
+"""Supported module types: one file per type, each registering itself (see ``registry.py``).
+
+Importing this package registers the built-in types; messages list them in this order.
+"""
+
+# isort: off
+from . import linear, embedding, layer_norm, conv1d, rms_norm  # noqa: F401  (register the built-in types, in order)
+
+# isort: on
+from .registry import (
+    FisherRule,
+    FisherSink,
+    LayerType,
+    describe_supported,
+    is_supported,
+    layer_type_for,
+    register_layer_matcher,
+    register_layer_type,
+    supported_names,
+)
+
+__all__ = [
+    "FisherRule",
+    "FisherSink",
+    "LayerType",
+    "describe_supported",
+    "is_supported",
+    "layer_type_for",
+    "register_layer_matcher",
+    "register_layer_type",
+    "supported_names",
+]

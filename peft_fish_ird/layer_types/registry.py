@@ -1,0 +1,159 @@
+"""The one registry of the module types FishIRD can adapt.
+
+Everything the package knows about a layer type lives in that type's file in this folder, behind
+one ``@register_layer_type`` decorator (Opacus's ``grad_sample/`` layout):
+
+* ``fisher_rule(module, input, grad_output, sink)``: the exact per-sample gradients of the
+  module's parameters from its input and output gradient, handed to ``sink`` (below), which
+  squares and sums them while they are in cache;
+* ``fast_forward(layer, x, adapter)`` (optional): forward of ``base(x) + sparse term`` whose
+  backward forms only the input gradient and the values' gradient. Without it, the layer runs the
+  slow exact path: ``torch.func.functional_call`` of the base module's own forward with the
+  effective parameters, differentiated by autograd;
+* ``fast_path_applies(module)`` (optional): whether ``fast_forward`` covers this instance;
+* ``fisher_input(x, batch_size)`` (optional): rewrites the module's input before the Fisher
+  pass sees it, e.g. expanding a broadcast ``(1, T)`` input to the batch so samples stay apart;
+* ``param_names``: the parameters that can hold entries (default ``("weight", "bias")``);
+* ``name``: how messages call the type.
+
+Merging is the same for every type and lives in ``layer.py``: the deltas are written into the
+flattened base parameters at their indices (exact for any parameter), and unmerge restores them
+from a backup.
+
+Extension contract (for your own module type)::
+
+    from peft_fish_ird.layer_types import register_layer_type
+
+    @register_layer_type(MyScale, name="MyScale")
+    def my_scale_fisher(module, x, g, sink):        # y = x * module.weight
+        b = x.shape[0]
+        sink.dense("weight", (g * x).reshape(b, -1, x.shape[-1]).sum(1).float())
+
+Lookup walks the module's class hierarchy (MRO), so a subclass of a registered type is covered
+unless it registers its own entry. This module never imports PEFT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+from torch import nn
+
+
+class FisherSink(Protocol):
+    """Where a Fisher rule puts a batch's per-sample gradients (``fisher.sink.Sink``).
+
+    All gradients are float32; ``B`` is the batch size.
+    """
+
+    def dense(self, param_name: str, per_sample_grad: torch.Tensor) -> None:
+        """``(B, numel)``: row b is sample b's flattened gradient."""
+
+    def matrix(self, param_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Sample n's gradient is ``a[n]^T b[n]`` for ``a`` ``(B, T, rows)``, ``b`` ``(B, T, cols)``."""
+
+    def rows(self, param_name: str, samples: torch.Tensor, rows: torch.Tensor, row_grads: torch.Tensor) -> None:
+        """Row-sparse: sample ``samples[u]`` has gradient ``row_grads[u]`` in row ``rows[u]``."""
+
+
+FisherRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, FisherSink], None]
+FastForward = Callable[[Any, torch.Tensor, str], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """What the package knows about one module type (see the module docstring)."""
+
+    name: str
+    module_type: type
+    fisher_rule: FisherRule
+    fast_forward: Optional[FastForward] = None
+    fast_path_applies: Callable[[nn.Module], bool] = lambda module: True
+    fisher_input: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
+    param_names: tuple[str, ...] = ("weight", "bias")
+
+    def parameters_of(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The module's own parameters that can hold entries, by name (``bias=None`` left out)."""
+        out = {}
+        for name in self.param_names:
+            param = getattr(module, name, None)
+            if isinstance(param, torch.Tensor):
+                out[name] = param
+        return out
+
+
+_REGISTRY: dict[type, LayerType] = {}
+# (predicate, entry) for types recognised by behaviour rather than by class
+_MATCHERS: list[tuple[Callable[[nn.Module], bool], LayerType]] = []
+
+
+def register_layer_type(
+    module_type: type,
+    *,
+    name: Optional[str] = None,
+    fast_forward: Optional[FastForward] = None,
+    fast_path_applies: Optional[Callable[[nn.Module], bool]] = None,
+    fisher_input: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+    param_names: tuple[str, ...] = ("weight", "bias"),
+) -> Callable[[FisherRule], FisherRule]:
+    """Decorator on a Fisher rule: register ``module_type`` (replacing an earlier entry for it)."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_layer_type needs an nn.Module subclass, got {module_type!r}.")
+
+    def wrap(rule: FisherRule) -> FisherRule:
+        _REGISTRY[module_type] = LayerType(
+            name=name or module_type.__name__,
+            module_type=module_type,
+            fisher_rule=rule,
+            fast_forward=fast_forward,
+            fast_path_applies=fast_path_applies or (lambda module: True),
+            fisher_input=fisher_input,
+            param_names=tuple(param_names),
+        )
+        return rule
+
+    return wrap
+
+
+def register_layer_matcher(matches: Callable[[nn.Module], bool], entry: LayerType) -> None:
+    """Register ``entry`` for every module class whose instances ``matches`` accepts.
+
+    For a family of look-alike classes with no common base (Llama's, Qwen's, Mistral's
+    ``*RMSNorm``). ``matches`` runs for every module not found through the MRO registry, so it
+    should reject cheaply and cache any expensive check (see ``rms_norm.py``).
+    """
+    _MATCHERS.append((matches, entry))
+
+
+def layer_type_for(module: nn.Module) -> Optional[LayerType]:
+    """The entry for ``module``'s class or its nearest registered base class, else the first
+    matcher that accepts it; None if unsupported."""
+    for cls in type(module).__mro__:
+        entry = _REGISTRY.get(cls)
+        if entry is not None:
+            return entry
+    return next((entry for matches, entry in _MATCHERS if matches(module)), None)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether FishIRD can adapt ``module`` (it has a registered layer type)."""
+    return layer_type_for(module) is not None
+
+
+def supported_names() -> list[str]:
+    """Names of the registered types, in registration order (for messages)."""
+    return [entry.name for entry in _REGISTRY.values()] + [entry.name for _, entry in _MATCHERS]
+
+
+def describe_supported() -> str:
+    """``"Linear, Embedding, LayerNorm and GPT-2 Conv1D"``: the registry in words, for messages."""
+    names = supported_names()
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def batch_3d(t: torch.Tensor, batch: int, width: int) -> torch.Tensor:
+    """``(B, tokens, width)`` float32 view of a batch-first activation or gradient (any middle dims)."""
+    return t.reshape(batch, -1, width).float()
