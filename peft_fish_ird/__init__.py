@@ -11,6 +11,7 @@ from .config import FishIRDConfig  # noqa: E402
 from .fisher import FisherResult, NonFiniteFisherError, compute_fisher  # noqa: E402
 from .integration import FishIRDCallback, get_peft_model  # noqa: E402
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError  # noqa: E402
+from .masks import fish_mask, fisher_scores, shira_budget, shira_mask_fn  # noqa: E402
 from .model import FishIRDModel  # noqa: E402
 from .record import SelectionRecord  # noqa: E402
 
@@ -28,7 +29,11 @@ __all__ = [
     "SelectionRecord",
     "UnpreparedAdapterError",
     "compute_fisher",
+    "fish_mask",
+    "fisher_scores",
     "get_peft_model",
     "register",
+    "shira_budget",
+    "shira_mask_fn",
     "__version__",
 ]
