@@ -50,6 +50,9 @@ def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, ties]).sort().values
 
 
+CountReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
 def select_global(
     scores: Mapping[str, torch.Tensor],
     k: int,
@@ -73,6 +76,8 @@ def select_global(
     its element-wise sum over ranks, with this process's ``rank`` and the ``world_size``. Every rank
     must call ``select_global`` with the same ``k``; it returns this rank's share of the global top-k.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size.")
     reduce = all_reduce_counts if all_reduce_counts is not None else (lambda counts: counts)
     flats = {name: s.reshape(-1) for name, s in scores.items()}
     total, nans = (int(c) for c in reduce(_local_sizes(flats)))
@@ -88,11 +93,7 @@ def select_global(
     if exact:  # exactly k entries are >= threshold: no ties to break
         return {name: (f.double() >= threshold).nonzero().squeeze(1) for name, f in flats.items()}
     above = _count(flats, threshold, reduce, strict=True)
-    ties = sum(int((f.double() == threshold).sum()) for f in flats.values())
-    slots = torch.zeros(world_size, dtype=torch.int64)
-    slots[rank] = ties
-    ties_on_earlier_ranks = int(reduce(slots)[:rank].sum())
-    left = max(0, k - above - ties_on_earlier_ranks)
+    left = max(0, k - above - _ties_on_earlier_ranks(flats, threshold, reduce, rank, world_size))
     out = {}
     for name, f in flats.items():
         f = f.double()
@@ -104,7 +105,6 @@ def select_global(
     return out
 
 
-CountReducer = Callable[[torch.Tensor], torch.Tensor]
 _LOW_BITS = 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -139,6 +139,17 @@ def kth_largest_key(count_at_least: Callable[[float], int], k: int) -> tuple[int
         else:
             hi = mid - 1
     return lo, False
+
+
+def _ties_on_earlier_ranks(
+    flats: Mapping[str, torch.Tensor], threshold: float, reduce: CountReducer, rank: int, world_size: int
+) -> int:
+    """Entries equal to ``threshold`` held by ranks before this one (they win the ties first)."""
+    if world_size == 1:
+        return 0
+    slots = torch.zeros(world_size, dtype=torch.int64)
+    slots[rank] = sum(int((f.double() == threshold).sum()) for f in flats.values())
+    return int(reduce(slots)[:rank].sum())
 
 
 def _local_sizes(flats: Mapping[str, torch.Tensor]) -> torch.Tensor:
