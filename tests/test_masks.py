@@ -67,6 +67,11 @@ def test_per_parameter_budget_takes_each_parameters_top_entries():
         assert torch.equal(masks[name], top.sort().values)
 
 
+def weight_name(peft_module_name):
+    """``base_model.model.<layer>`` -> ``<layer>.weight``, the key of the FISH mask."""
+    return f"{peft_module_name.removeprefix('base_model.model.')}.weight"
+
+
 def shira_model_from_fish(model, r, targets, masks):
     from peft import ShiraConfig, get_peft_model
 
@@ -83,16 +88,16 @@ def test_shira_trains_exactly_the_fish_entries():
     assert len(masks) == 4 and all(v.numel() == r * (16 + 16) for v in masks.values())
     peft_model = shira_model_from_fish(model, r, targets, masks)
     layers = {n: m for n, m in peft_model.named_modules() if hasattr(m, "shira_indices")}
-    assert sorted(f"{n.removeprefix('base_model.model.')}.weight" for n in layers) == sorted(masks)
+    assert sorted(weight_name(n) for n in layers) == sorted(masks)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert sorted(trainable) == sorted(f"{n}.shira_weight.default" for n in layers)
     for name, layer in layers.items():
         rows, cols = layer.shira_indices["default"].long()
-        assert torch.equal(rows * layer.in_features + cols, masks[f"{name.removeprefix('base_model.model.')}.weight"])
+        assert torch.equal(rows * layer.in_features + cols, masks[weight_name(name)])
         with torch.no_grad():
             layer.shira_weight["default"].fill_(1.0)
         delta = layer.get_delta_weight("default").to_dense().reshape(-1)
-        assert torch.equal(delta.nonzero().squeeze(1), masks[f"{name.removeprefix('base_model.model.')}.weight"])
+        assert torch.equal(delta.nonzero().squeeze(1), masks[weight_name(name)])
 
 
 def test_shira_refuses_a_mask_whose_count_is_not_r_times_in_plus_out():
@@ -150,3 +155,18 @@ def test_tied_lm_head_is_refused_with_the_fix():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32))
     with pytest.raises(ValueError, match="Tied parameters"):
         fisher_scores(model, make_examples(4), **DRAW)
+
+
+def test_shira_adapter_from_a_fish_mask_saves_and_reloads_its_entries(tmp_path):
+    from peft import PeftModel
+
+    model, targets, r = tiny_bert(), ["query"], 1
+    masks = fish_mask(model, make_examples(20), budget=shira_budget(model, r, targets), **DRAW)
+    shira_model_from_fish(model, r, targets, masks).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    for name, layer in loaded.named_modules():
+        if hasattr(layer, "shira_indices"):
+            rows, cols = layer.shira_indices["default"].long()
+            assert torch.equal(rows * layer.in_features + cols, masks[weight_name(name)])
