@@ -11,6 +11,7 @@ from .fisher import FisherResult, NonFiniteFisherError, compute_fisher
 from .integration import FishIRDCallback, get_peft_model
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError
 from .layer_types import register_layer_type
+from .masks import fish_mask, fisher_scores, shira_budget, shira_mask_fn
 from .model import FishIRDModel
 from .record import SelectionRecord
 
@@ -28,8 +29,12 @@ __all__ = [
     "SelectionRecord",
     "UnpreparedAdapterError",
     "compute_fisher",
+    "fish_mask",
+    "fisher_scores",
     "get_peft_model",
     "register",
     "register_layer_type",
+    "shira_budget",
+    "shira_mask_fn",
     "__version__",
 ]

@@ -2,6 +2,8 @@
 
 ``fisher_loop`` is the FISH reference's algorithm: one sample at a time, its padding stripped,
 ``torch.autograd.grad`` of its own loss w.r.t. every target parameter, squared and summed.
+``select_global_concat`` is the global top-k over one concatenated score vector (one float64 per
+candidate entry), the twin of the bounded-memory ``selection.select_global``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .fisher import (
     output_logits,
     per_sample_losses,
 )
+from .selection import _check_budget, top_k_positions
 
 
 def unpad_sample(batch: Mapping[str, Any], index: int) -> dict[str, Any]:
@@ -105,3 +108,18 @@ def fisher_loop(
         len(sample_scores),
         time.perf_counter() - start,
     )
+
+
+def select_global_concat(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Global top-k over the concatenation of all scores (float64). Returns name -> sorted flat indices."""
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1).double() for n in names])
+    _check_budget(k, flat.numel())
+    chosen = top_k_positions(flat, k)
+    out, start = {}, 0
+    for name in names:
+        size = scores[name].numel()
+        lo, hi = torch.searchsorted(chosen, torch.tensor([start, start + size], device=chosen.device))
+        out[name] = chosen[lo:hi] - start
+        start += size
+    return out

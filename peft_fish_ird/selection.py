@@ -8,7 +8,8 @@ index) wins, so the same scores always give the same mask.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping
 from typing import Optional
 
 import torch
@@ -49,19 +50,122 @@ def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, ties]).sort().values
 
 
-def select_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """One top-k over all entries of all parameters (FISH). Returns name -> sorted flat indices."""
-    names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).double() for n in names])
-    _check_budget(k, flat.numel())
-    chosen = top_k_positions(flat, k)
-    out, start = {}, 0
-    for name in names:
-        size = scores[name].numel()
-        lo, hi = torch.searchsorted(chosen, torch.tensor([start, start + size], device=chosen.device))
-        out[name] = chosen[lo:hi] - start
-        start += size
+CountReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def select_global(
+    scores: Mapping[str, torch.Tensor],
+    k: int,
+    *,
+    all_reduce_counts: Optional[CountReducer] = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, torch.Tensor]:
+    """One top-k over all entries of all parameters (FISH). Returns name -> sorted flat indices.
+
+    Bounded memory: the scores are never concatenated. The k-th largest value ``T`` is found by a
+    bisection on the order-preserving int64 image of the float64 values (``float64_order_key``),
+    counting ``(s >= t).sum()`` one parameter at a time: at most 64 passes, fewer when a pass
+    counts exactly k entries at or above its threshold (then those are the top-k). Every entry above
+    ``T`` is kept; of the entries equal to ``T``, the earliest (dict order, then flat index) fill the
+    rest, exactly as ``reference.select_global_concat``. Extra memory: one parameter's float64 copy
+    (none for float64 scores) and boolean mask at a time.
+
+    Sharded scores (each rank holds some of the parameters; the global order is rank order, then
+    each rank's dict order): pass ``all_reduce_counts``, which takes a CPU int64 vector and returns
+    its element-wise sum over ranks, with this process's ``rank`` and the ``world_size``. Every rank
+    must call ``select_global`` with the same ``k``; it returns this rank's share of the global top-k.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size.")
+    reduce = all_reduce_counts if all_reduce_counts is not None else (lambda counts: counts)
+    flats = {name: s.reshape(-1) for name, s in scores.items()}
+    total, nans = (int(c) for c in reduce(_local_sizes(flats)))
+    _check_budget(k, total)
+    if k >= total:
+        return {name: torch.arange(f.numel(), device=f.device) for name, f in flats.items()}
+    if k <= 0:
+        return {name: torch.zeros(0, dtype=torch.int64, device=f.device) for name, f in flats.items()}
+    if nans:
+        raise ValueError("Scores contain NaN; cannot rank them.")
+    key, exact = kth_largest_key(lambda t: _count(flats, t, reduce), k)
+    threshold = float64_from_order_key(key)
+    if exact:  # exactly k entries are >= threshold: no ties to break
+        return {name: (f.double() >= threshold).nonzero().squeeze(1) for name, f in flats.items()}
+    above = _count(flats, threshold, reduce, strict=True)
+    left = max(0, k - above - _ties_on_earlier_ranks(flats, threshold, reduce, rank, world_size))
+    out = {}
+    for name, f in flats.items():
+        f = f.double()
+        keep = f > threshold
+        tied = (f == threshold).nonzero().squeeze(1)[:left]
+        keep[tied] = True
+        left -= tied.numel()
+        out[name] = keep.nonzero().squeeze(1)
     return out
+
+
+_LOW_BITS = 0x7FFF_FFFF_FFFF_FFFF
+
+
+def float64_order_key(value: float) -> int:
+    """The int64 whose signed order is the order of float64 ``value`` (its bit pattern, with the
+    magnitude bits flipped for negative numbers). ``-0.0`` maps to -1, just below ``+0.0``'s 0."""
+    bits = struct.unpack("<q", struct.pack("<d", value))[0]
+    return bits ^ _LOW_BITS if bits < 0 else bits
+
+
+def float64_from_order_key(key: int) -> float:
+    """Inverse of ``float64_order_key``."""
+    bits = key ^ _LOW_BITS if key < 0 else key
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def kth_largest_key(count_at_least: Callable[[float], int], k: int) -> tuple[int, bool]:
+    """Order key of the k-th largest value, given ``count_at_least(t) = #{s >= t}`` (no NaN).
+
+    Bisection for the largest key ``t`` in ``[key(-inf), key(+inf)]`` with ``count >= k``: at most
+    64 calls. Returns ``(key, exact)``; ``exact`` means the count at ``key`` is exactly k (the search
+    may stop early then, at a key that need not be a value's).
+    """
+    lo, hi = float64_order_key(float("-inf")), float64_order_key(float("inf"))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        count = count_at_least(float64_from_order_key(mid))
+        if count == k:
+            return mid, True
+        if count > k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, False
+
+
+def _ties_on_earlier_ranks(
+    flats: Mapping[str, torch.Tensor], threshold: float, reduce: CountReducer, rank: int, world_size: int
+) -> int:
+    """Entries equal to ``threshold`` held by ranks before this one (they win the ties first)."""
+    if world_size == 1:
+        return 0
+    slots = torch.zeros(world_size, dtype=torch.int64)
+    slots[rank] = sum(int((f.double() == threshold).sum()) for f in flats.values())
+    return int(reduce(slots)[:rank].sum())
+
+
+def _local_sizes(flats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(entries, NaN entries) of this process's scores, as an int64 vector."""
+    numel = sum(f.numel() for f in flats.values())
+    nans = sum(int(torch.isnan(f).sum()) for f in flats.values() if f.is_floating_point())
+    return torch.tensor([numel, nans], dtype=torch.int64)
+
+
+def _count(flats: Mapping[str, torch.Tensor], threshold: float, reduce: CountReducer, strict: bool = False) -> int:
+    """Global number of entries ``>= threshold`` (``strict``: ``>``), one parameter at a time."""
+    local = 0
+    for f in flats.values():
+        f = f.double()
+        local += int(torch.count_nonzero(f > threshold if strict else f >= threshold))
+    return int(reduce(torch.tensor([local], dtype=torch.int64))[0])
 
 
 def per_module_quota(sizes: Mapping[str, int], k: int) -> dict[str, int]:
