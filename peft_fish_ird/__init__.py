@@ -8,6 +8,7 @@ from ._registration import register
 from ._version import __version__
 from .config import FishIRDConfig, FishIRDPeftType
 from .fisher import FisherResult, NonFiniteFisherError, compute_fisher
+from .functional import prepare_model
 from .integration import FishIRDCallback, get_peft_model
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError
 from .layer_types import register_layer_type
@@ -32,6 +33,7 @@ __all__ = [
     "fish_mask",
     "fisher_scores",
     "get_peft_model",
+    "prepare_model",
     "register",
     "register_layer_type",
     "shira_budget",

@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import distributed
 from .fisher import output_logits, per_sample_losses
 
 
@@ -98,6 +100,8 @@ class MaskedFineTuneScorer:
         lr: float,
         metric: Literal["loss", "accuracy"],
         seed: int,
+        progress: bool = False,
+        desc: str = "IRD scoring",
     ) -> None:
         self.model = model
         self.trainable = trainable
@@ -106,6 +110,7 @@ class MaskedFineTuneScorer:
         self.lr = lr
         self.metric = metric
         self.seed = seed
+        self.progress, self.desc = progress, desc
 
     def __call__(self) -> float:
         params = self.trainable()
@@ -113,7 +118,8 @@ class MaskedFineTuneScorer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.model.train()
-            for batch in self.train_batches:
+            show = self.progress and distributed.is_main_process()
+            for batch in tqdm(self.train_batches, desc=self.desc, unit="step", leave=False, disable=not show):
                 loss = self.model(**batch).loss
                 loss.backward()
                 optimizer.step()

@@ -96,14 +96,19 @@ def iterative_range_decreasing(
     fisher_pass: FisherPass,
     score: Scorer,
     settings: IRDSettings,
+    num_params: Optional[int] = None,
 ) -> IRDResult:
-    """Run the IRD search over a pool of ``num_samples`` samples; see the module docstring."""
+    """Run the IRD search over a pool of ``num_samples`` samples; see the module docstring.
+
+    ``num_params`` (the candidate entries, if the caller knows them) lets the progress labels say
+    "round t of n" from the first round on; otherwise the plan is known after the first pass.
+    """
     samples = list(range(num_samples))
     ranges: Optional[dict[str, torch.Tensor]] = None
     trace: list[IRDRound] = []
     best: Optional[tuple[float, int, dict[str, torch.Tensor]]] = None
     first_scores: dict[str, torch.Tensor] = {}
-    plan: Optional[list[tuple[int, int]]] = None
+    plan = None if num_params is None else schedule(num_samples, num_params, k, settings)
     lowest = settings.direction == "reverse"
     generator = torch.Generator().manual_seed(settings.seed)
     fisher_seconds = scoring_seconds = 0.0
@@ -112,7 +117,7 @@ def iterative_range_decreasing(
     while True:
         t += 1
         start = time.perf_counter()
-        result = fisher_pass(samples, ranges, f"IRD round {t}")
+        result = fisher_pass(samples, ranges, _round_label(t, plan, len(samples)))
         gradients += result.num_samples
         fisher_seconds += result.seconds
         if plan is None:
@@ -138,6 +143,13 @@ def iterative_range_decreasing(
         ranges = shrink_range(result.scores, ranges, next_params, lowest=lowest)
         samples = _shrink_samples(samples, result.sample_scores, next_samples, settings, lowest, generator)
     return IRDResult(best[2], best[1], trace, gradients, fisher_seconds, scoring_seconds, first_scores)
+
+
+def _round_label(t: int, plan: Optional[list[tuple[int, int]]], n_samples: int) -> str:
+    """Progress label of round t: ``IRD round 2/4 (512 samples, 5,678,901 entries)``."""
+    if plan is None:
+        return f"IRD round {t} ({n_samples} samples)"
+    return f"IRD round {t}/{len(plan)} ({n_samples} samples, {plan[t - 1][1]:,} entries)"
 
 
 def _shrink_samples(

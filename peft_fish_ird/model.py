@@ -18,10 +18,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
+from .adapter_state import count_parameters_of, fishird_layers_of, head_wrappers_of
 from .config import PREFIX, FishIRDConfig
+from .functional import prepare_adapter
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
 from .layer_types import describe_supported
-from .prepare import PrepareJob, fill_masks
 from .record import (
     SelectionRecord,
     check_record_shapes,
@@ -29,6 +30,7 @@ from .record import (
     mask_fingerprint_of_checkpoint,
     reconcile_records,
 )
+from .weighted import add_weighted_adapter
 
 logger = logging.getLogger(__name__)
 RECORD_KEY = "fishird_selection_record"  # uint8 JSON of the SelectionRecord in adapter_model.safetensors
@@ -130,24 +132,21 @@ class FishIRDModel(BaseTuner):
     # ------------------------------------------------------------------ state
     def fishird_layers(self, adapter_name: str) -> dict[str, FishIRDLayer]:
         """Targeted modules holding ``adapter_name``, by name relative to the base model."""
-        return {
-            name: module
-            for name, module in self.model.named_modules()
-            if isinstance(module, FishIRDLayer) and adapter_name in module.fishird_prepared
-        }
+        return fishird_layers_of(self.model, adapter_name)
 
     def count_parameters(self) -> tuple[int, int]:
         """(all parameters of the base model incl. head, parameters of the densely trained head)."""
-        head = 0
-        for module in self.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                head += sum(p.numel() for p in module.original_module.parameters())
-        total = 0
-        for name, param in self.model.named_parameters():
-            if self.prefix in name or ".modules_to_save." in f".{name}":
-                continue
-            total += param.numel()
-        return total, head
+        return count_parameters_of(self.model)
+
+    def head_wrappers(self) -> list[ModulesToSaveWrapper]:
+        """PEFT's wrappers of the densely trained head (``modules_to_save``)."""
+        return head_wrappers_of(self.model)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> SelectionRecord:
+        """Add ``adapter_name`` whose delta is ``sum_i weights[i] * delta(adapters[i])``: the union of
+        the masks, values summed with the weights (heads combined as deltas from the base head).
+        The new adapter is frozen, as in PEFT; ``set_adapter(adapter_name)`` activates it."""
+        return add_weighted_adapter(self, adapters, weights, adapter_name)
 
     @property
     def selection(self) -> Optional[SelectionRecord]:
@@ -206,62 +205,17 @@ class FishIRDModel(BaseTuner):
             progress: show progress bars.
             overwrite: allow replacing a mask whose values were already trained.
         """
-        adapter = self._single_adapter(adapter_name)
-        layers = self.fishird_layers(adapter)
-        self._check_can_prepare(adapter, layers, overwrite)
-        job = PrepareJob(
+        return prepare_adapter(
             self,
-            adapter,
+            self._single_adapter(adapter_name),
             train_dataset,
             data_collator,
             selection_dataset=selection_dataset,
             evaluator=evaluator,
             batch_size=batch_size,
             progress=progress,
+            overwrite=overwrite,
         )
-        outcome = job.run()
-        fill_masks(adapter, layers, outcome.masks)
-        self.peft_config[adapter].selection_record = outcome.record.to_dict()
-        _log_summary(outcome.record)
-        return outcome.record
-
-    def _check_can_prepare(self, adapter: str, layers: dict[str, FishIRDLayer], overwrite: bool) -> None:
-        if not layers:
-            raise ValueError(f"Adapter {adapter!r} targets no module; check `target_modules`.")
-        if self.peft_config[adapter].selection_record is not None:
-            logger.warning(
-                "prepare() replaces adapter %r's existing mask: its values tensors are new objects, so an optimizer "
-                "built before this call is stale - build it (or the Trainer's) again.",
-                adapter,
-            )
-        if any(layer.merged for layer in layers.values()):
-            raise RuntimeError("Cannot prepare while adapters are merged: call `unmerge_adapter()` first.")
-        trained = any(
-            bool(layer.values(p)[adapter].detach().any()) for layer in layers.values() for p in layer.base_param_names()
-        )
-        if trained and not overwrite:
-            raise RuntimeError(
-                f"Adapter {adapter!r} already has trained values; `prepare` would discard them. Pass "
-                "overwrite=True to select a new mask anyway, or add a new adapter with `add_adapter`."
-            )
-
-    def head_wrappers(self) -> list[ModulesToSaveWrapper]:
-        """PEFT's wrappers of the densely trained head (``modules_to_save``)."""
-        return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
-
-
-def _log_summary(record: SelectionRecord) -> None:
-    logger.info(
-        "FishIRD prepare (%s): %d sparse entries (%.3f%% of %d params; head %d), round %d of %d, %.1fs",
-        record.method,
-        record.k,
-        100.0 * record.k / record.total_params,
-        record.total_params,
-        record.head_params,
-        record.best_round,
-        len(record.trace),
-        record.seconds,
-    )
 
 
 def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list[str]:

@@ -234,7 +234,8 @@ class PrepareJob:
         c = self.config
         require_indexable(self.data, f"selection={c.selection!r}")
         settings = c.ird_settings()
-        pool, held_out = self._ird_split(k, settings)
+        candidates = sum(int(torch.Size(s).numel()) for s in self.shapes().values())
+        pool, held_out = self._ird_split(k, settings, candidates)
 
         def fisher_pass(positions, ranges, desc):
             batches = collate_indices(
@@ -246,7 +247,9 @@ class PrepareJob:
             )
             return self._fisher(batches, ranges, desc)
 
-        result = iterative_range_decreasing(len(pool), k, fisher_pass, self._scorer(pool, held_out), settings)
+        rounds = len(schedule(len(pool), candidates, k, settings))
+        scorer = self._scorer(pool, held_out, rounds)
+        result = iterative_range_decreasing(len(pool), k, fisher_pass, scorer, settings, num_params=candidates)
         if self.evaluator is not None:
             selection_samples = 0
         else:
@@ -263,10 +266,9 @@ class PrepareJob:
             selection_samples,
         )
 
-    def _ird_split(self, k: int, settings: Any) -> tuple[list[int], list[int]]:
+    def _ird_split(self, k: int, settings: Any, candidates: int) -> tuple[list[int], list[int]]:
         """The Fisher pool and the held-out selection split (both positions in ``data``)."""
         c, n = self.config, len(self.data)
-        candidates = sum(int(torch.Size(s).numel()) for s in self.shapes().values())
         plan = schedule(min(c.num_samples, n), candidates, k, settings)
         held_out_size = 0
         if len(plan) > 1 and self.evaluator is None and self.selection_dataset is None:
@@ -288,7 +290,7 @@ class PrepareJob:
             )
         return pool, held_out
 
-    def _scorer(self, pool: list[int], held_out: list[int]) -> Callable[[dict[str, torch.Tensor]], float]:
+    def _scorer(self, pool: list[int], held_out: list[int], rounds: int) -> Callable[[dict[str, torch.Tensor]], float]:
         adapter, layers = self.adapter, self.layers
         heads = [w.modules_to_save[adapter] for w in self.head_wrappers if adapter in w.modules_to_save]
         state_modules = [*layers.values(), *heads]
@@ -306,7 +308,12 @@ class PrepareJob:
         else:
             inner = self._builtin_scorer(pool, held_out, trainable)
 
+        scored = [0]
+
         def score(masks: dict[str, torch.Tensor]) -> float:
+            scored[0] += 1
+            if isinstance(inner, MaskedFineTuneScorer):
+                inner.desc = f"IRD scoring {scored[0]}/{rounds}"
             fill = lambda m: fill_masks(adapter, layers, m)  # noqa: E731
             with isolated_candidate(self.model, fill, masks, state_modules):
                 return distributed.broadcast_float(float(inner()))  # every rank keeps the same round
@@ -335,6 +342,7 @@ class PrepareJob:
             lr=c.lr,
             metric=c.metric,
             seed=self.config.seed,
+            progress=self.progress,
         )
 
 
