@@ -184,7 +184,14 @@ class FishIRDConfig(PeftConfig):
         metadata={"help": "IRD built-in evaluator: 'loss' (minus mean loss) or 'accuracy' on the selection split."},
     )
     seed: int = field(
-        default=0, metadata={"help": "Seed for drawing the Fisher samples; same seed and data give the same mask."}
+        default=0,
+        metadata={
+            "help": (
+                "Seed for drawing the Fisher samples (and IRD's random choices). The mask also depends on the "
+                "model's weights, including a randomly initialised head: call `transformers.set_seed(seed)` before "
+                "loading the model to get the same mask bit for bit."
+            )
+        },
     )
     selection_record: Optional[dict[str, Any]] = field(
         default=None,
