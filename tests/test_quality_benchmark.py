@@ -1,4 +1,4 @@
-"""The quality benchmark (benchmarks/quality.py) plans, runs, resumes and reports; the smoke profile runs for real."""
+"""The quality benchmark (python -m benchmarks.quality) plans, runs, resumes and reports; the smoke profile runs."""
 
 from __future__ import annotations
 
@@ -12,25 +12,31 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "quality.py"
+sys.path.insert(0, str(REPO))  # the benchmarks package sits at the repository root, beside the package
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load("quality_benchmark", SCRIPT)
-report = _load("report_quality", REPO / "benchmarks" / "report_quality.py")
+from benchmarks.quality.cli import main, parse_args  # noqa: E402
+from benchmarks.quality.methods import LoraOption, match_lora  # noqa: E402
+from benchmarks.quality.plan import (  # noqa: E402
+    DEFAULT_CONFIG,
+    FISHIRD_METHODS,
+    OFFLINE_TASKS,
+    BenchmarkError,
+    apply_flags,
+    deep_merge,
+    load_profile,
+    needs_hub,
+    plan,
+)
+from benchmarks.quality.report import write_report  # noqa: E402
+from benchmarks.quality.stats import paired_differences  # noqa: E402
+from benchmarks.quality.store import ResultStore  # noqa: E402
+from benchmarks.quality.tasks import glue_splits, resolve_sizes  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ planning
 def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
-    profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
-    cells = [c for c, _ in quality.plan(quality.apply_flags(profile, quality.parse_args([])))]
+    profile = load_profile(DEFAULT_CONFIG, "default")
+    cells = [c for c, _ in plan(apply_flags(profile, parse_args([])))]
     keys = [c.key for c in cells]
     assert len(keys) == len(set(keys))  # main and sweep share cells; each runs once
     minilm = [c for c in cells if c.model == "minilm"]
@@ -39,12 +45,12 @@ def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
         return {c.seed for c in minilm if (c.task, c.method, c.keep_ratio) == (task, method, ratio)}
 
     for ratio in (0.002, 0.005):
-        for method in quality.FISHIRD_METHODS + ("lora",):
+        for method in FISHIRD_METHODS + ("lora",):
             assert seeds("movie", method, ratio) == {0, 1, 2}
         for task in ("tweets", "rotten_tomatoes"):
             for method in ("fish", "ird", "random", "lora"):
                 assert seeds(task, method, ratio) == {0, 1, 2}
-    for task in quality.OFFLINE_TASKS:
+    for task in OFFLINE_TASKS:
         assert seeds(task, "full", None) == {0, 1, 2}
     sweep = {c.keep_ratio for c in minilm if c.task == "movie" and c.method in ("fish", "ird", "lora")}
     assert sweep == {0.0005, 0.001, 0.002, 0.005, 0.01}
@@ -52,28 +58,28 @@ def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
 
 
 def test_optional_experiments_run_only_when_named():
-    profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
-    args = quality.parse_args(["--experiments", "tasks_ird_controls"])
-    cells = [c for c, _ in quality.plan(quality.apply_flags(profile, args))]
+    profile = load_profile(DEFAULT_CONFIG, "default")
+    args = parse_args(["--experiments", "tasks_ird_controls"])
+    cells = [c for c, _ in plan(apply_flags(profile, args))]
     assert {(c.task, c.method) for c in cells} == {
         (t, m) for t in ("tweets", "rotten_tomatoes") for m in ("ird_reverse", "ird_random")
     }
-    default = quality.apply_flags(profile, quality.parse_args([]))
+    default = apply_flags(profile, parse_args([]))
     assert "tasks_ird_controls" not in {e.name for e in default}
 
 
 def test_flags_replace_lists_and_filter_experiments():
-    profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
-    args = quality.parse_args(["--experiments", "main", "--tasks", "tweets", "--methods", "fish,full", "--seeds", "4"])
-    cells = [c for c, _ in quality.plan(quality.apply_flags(profile, args))]
+    profile = load_profile(DEFAULT_CONFIG, "default")
+    args = parse_args(["--experiments", "main", "--tasks", "tweets", "--methods", "fish,full", "--seeds", "4"])
+    cells = [c for c, _ in plan(apply_flags(profile, args))]
     assert {(c.task, c.method, c.keep_ratio, c.seed) for c in cells} == {
         ("tweets", "fish", 0.002, 4),
         ("tweets", "fish", 0.005, 4),
         ("tweets", "full", None, 4),
     }
-    online = quality.apply_flags(profile, quality.parse_args(["--model", "bert-base-uncased", "--tasks", "glue/sst2"]))
-    assert {e.model for e in online} == {"bert-base-uncased"} and quality.needs_hub(online)
-    assert not quality.needs_hub(profile.experiments)
+    online = apply_flags(profile, parse_args(["--model", "bert-base-uncased", "--tasks", "glue/sst2"]))
+    assert {e.model for e in online} == {"bert-base-uncased"} and needs_hub(online)
+    assert not needs_hub(profile.experiments)
 
 
 @pytest.mark.parametrize(
@@ -87,60 +93,60 @@ def test_flags_replace_lists_and_filter_experiments():
     ],
 )
 def test_bad_flags_fail_with_a_message_naming_the_fix(flags, message, caplog):
-    assert quality.main([*flags, "--list"]) == 2
+    assert main([*flags, "--list"]) == 2
     assert message in caplog.text
 
 
 def test_seeds_flag_must_be_integers():
     with pytest.raises(SystemExit):
-        quality.parse_args(["--seeds", "a,b"])
+        parse_args(["--seeds", "a,b"])
 
 
 def test_settings_overrides_refuse_unknown_keys():
-    with pytest.raises(quality.BenchmarkError, match="unknown setting 'epoch'"):
-        quality.deep_merge({"train": {"epochs": 1}}, {"train": {"epoch": 2}}, "test")
-    assert quality.deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}, "test") == {"a": {"b": 1, "c": 3}}
+    with pytest.raises(BenchmarkError, match="unknown setting 'epoch'"):
+        deep_merge({"train": {"epochs": 1}}, {"train": {"epoch": 2}}, "test")
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}, "test") == {"a": {"b": 1, "c": 3}}
 
 
 def test_glue_needs_the_hub_and_says_so_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = {"split_seed": 0, "test": 10, "selection": 10, "train": 10}
-    with pytest.raises(quality.BenchmarkError, match="hub"):
-        quality.glue_splits("glue/sst2", data)
+    with pytest.raises(BenchmarkError, match="hub"):
+        glue_splits("glue/sst2", data)
 
 
 def test_split_sizes_fill_in_the_remainder_and_refuse_too_much():
-    assert quality.resolve_sizes(100, 20, 10, None, "t") == {"test": 20, "selection": 10, "train": 70}
-    with pytest.raises(quality.BenchmarkError, match="cannot split"):
-        quality.resolve_sizes(100, 60, 30, 20, "t")
+    assert resolve_sizes(100, 20, 10, None, "t") == {"test": 20, "selection": 10, "train": 70}
+    with pytest.raises(BenchmarkError, match="cannot split"):
+        resolve_sizes(100, 60, 30, 20, "t")
 
 
 # ------------------------------------------------------------------------------------------ LoRA matching
 def test_lora_rank_matching_picks_the_closest_count_and_prefers_earlier_target_sets():
     # all-MiniLM-L6-v2: query+value 9,216 per rank, +query.key 13,824, all-linear 42,240; head 770
     options = [
-        quality.LoraOption(["query", "value"], 9216, 770),
-        quality.LoraOption(["query", "key", "value"], 13824, 770),
-        quality.LoraOption("all-linear", 42240, 770),
+        LoraOption(["query", "value"], 9216, 770),
+        LoraOption(["query", "key", "value"], 13824, 770),
+        LoraOption("all-linear", 42240, 770),
     ]
-    option, rank, count = quality.match_lora(113569, options)  # FISH budget at 0.5%
+    option, rank, count = match_lora(113569, options)  # FISH budget at 0.5%
     assert (option.targets, rank, count) == (["query", "value"], 12, 111362)  # qkv r=8 ties: earlier set wins
-    option, rank, count = quality.match_lora(45427, options)  # 0.2%
+    option, rank, count = match_lora(45427, options)  # 0.2%
     assert (option.targets, rank, count) == (["query", "value"], 5, 46850)
-    option, rank, _ = quality.match_lora(10, options)
+    option, rank, _ = match_lora(10, options)
     assert rank == 1  # never rank 0
 
 
 # ------------------------------------------------------------------------------------------ results and report
 def test_store_appends_atomically_and_refuses_a_corrupt_file(tmp_path):
-    store = quality.ResultStore(tmp_path / "quality.json")
+    store = ResultStore(tmp_path / "quality.json")
     store.append({"key": "a", "x": 1})
     store.append({"key": "b", "x": 2})
-    assert quality.ResultStore(tmp_path / "quality.json").done() == {"a", "b"}
+    assert ResultStore(tmp_path / "quality.json").done() == {"a", "b"}
     assert [p.name for p in tmp_path.iterdir()] == ["quality.json"]  # no temporary files left behind
     (tmp_path / "quality.json").write_text("{broken")
-    with pytest.raises(quality.BenchmarkError, match="not valid JSON"):
-        quality.ResultStore(tmp_path / "quality.json")
+    with pytest.raises(BenchmarkError, match="not valid JSON"):
+        ResultStore(tmp_path / "quality.json")
 
 
 def _record(method, ratio, seed, acc, best_round=1):
@@ -195,8 +201,8 @@ def test_report_pairs_seeds_and_lists_every_budget_where_ird_does_not_win(tmp_pa
             _record("lora", 0.005, seed, 0.6),
         ]
     records.append(_record("full", None, 0, 0.8))
-    assert report.paired_differences(records, "ird", 0.002) == pytest.approx({0: 0.02, 1: -0.02, 2: -0.01})
-    paths = report.write_report(records, tmp_path)
+    assert paired_differences(records, "ird", 0.002) == pytest.approx({0: 0.02, 1: -0.02, 2: -0.01})
+    paths = write_report(records, tmp_path)
     md = (tmp_path / "quality.md").read_text()
     assert "0.2%: **IRD does not beat FISH**: -0.3 ± 2.1 pp, 1/3 wins [+2.0, -2.0, -1.0]" in md
     assert "0.5%: IRD ahead by +1.0 pp" in md
@@ -210,7 +216,7 @@ def test_report_pairs_seeds_and_lists_every_budget_where_ird_does_not_win(tmp_pa
 # ------------------------------------------------------------------------------------------ smoke run (real MiniLM)
 def _run(out: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--output-dir", str(out), *flags]
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--smoke", "--output-dir", str(out), *flags]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
