@@ -14,11 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the benchmarks package sits at the repository root, beside the package
 
+from benchmarks.quality import phases  # noqa: E402
 from benchmarks.quality.cli import main, parse_args  # noqa: E402
 from benchmarks.quality.methods import LoraOption, match_lora  # noqa: E402
 from benchmarks.quality.plan import (  # noqa: E402
     DEFAULT_CONFIG,
     FISHIRD_METHODS,
+    GRID_PHASE,
     OFFLINE_TASKS,
     BenchmarkError,
     apply_flags,
@@ -26,16 +28,17 @@ from benchmarks.quality.plan import (  # noqa: E402
     load_profile,
     needs_hub,
     plan,
+    validate_experiment,
 )
 from benchmarks.quality.report import write_report  # noqa: E402
-from benchmarks.quality.stats import paired_differences  # noqa: E402
+from benchmarks.quality.stats import bootstrap_ci, choose_rate, paired_differences  # noqa: E402
 from benchmarks.quality.store import ResultStore  # noqa: E402
 from benchmarks.quality.tasks import glue_splits, resolve_sizes  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ planning
-def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
-    profile = load_profile(DEFAULT_CONFIG, "default")
+def test_legacy_profile_covers_every_method_at_both_budgets_and_the_sweep():
+    profile = load_profile(DEFAULT_CONFIG, "legacy_v1")
     cells = [c for c, _ in plan(apply_flags(profile, parse_args([])))]
     keys = [c.key for c in cells]
     assert len(keys) == len(set(keys))  # main and sweep share cells; each runs once
@@ -58,7 +61,7 @@ def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
 
 
 def test_optional_experiments_run_only_when_named():
-    profile = load_profile(DEFAULT_CONFIG, "default")
+    profile = load_profile(DEFAULT_CONFIG, "legacy_v1")
     args = parse_args(["--experiments", "tasks_ird_controls"])
     cells = [c for c, _ in plan(apply_flags(profile, args))]
     assert {(c.task, c.method) for c in cells} == {
@@ -69,7 +72,7 @@ def test_optional_experiments_run_only_when_named():
 
 
 def test_flags_replace_lists_and_filter_experiments():
-    profile = load_profile(DEFAULT_CONFIG, "default")
+    profile = load_profile(DEFAULT_CONFIG, "legacy_v1")
     args = parse_args(["--experiments", "main", "--tasks", "tweets", "--methods", "fish,full", "--seeds", "4"])
     cells = [c for c, _ in plan(apply_flags(profile, args))]
     assert {(c.task, c.method, c.keep_ratio, c.seed) for c in cells} == {
@@ -251,3 +254,102 @@ def test_smoke_benchmark_runs_records_and_resumes(tmp_path):
     assert "0 to run" in third.stderr
     assert json.loads((tmp_path / "quality.json").read_text())["records"] == records
     assert "### movie" in (tmp_path / "quality.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ protocol v2
+def test_default_profile_tunes_every_rate_on_validation_and_runs_five_seeds_of_the_main_methods():
+    profile = load_profile(DEFAULT_CONFIG, "default")
+    cells = [c for c, _ in plan(apply_flags(profile, parse_args([])))]
+    grid = [c for c in cells if c.phase == GRID_PHASE]
+    main_cells = [c for c in cells if c.phase != GRID_PHASE]
+    assert cells[: len(grid)] == grid  # every grid cell runs before any main cell
+    assert all(c.seed == 0 for c in grid)
+    rates = {}
+    for c in grid:
+        rates.setdefault((c.task, c.method, c.keep_ratio), set()).add(c.learning_rate)
+    assert {len(r) for r in rates.values()} == {3}  # the same grid size for every method
+    for task in OFFLINE_TASKS:
+        for ratio in (0.002, 0.005):
+            for method in ("fish", "ird", "lora"):
+                assert (task, method, ratio) in rates
+                assert {c.seed for c in main_cells if (c.task, c.method, c.keep_ratio) == (task, method, ratio)} == {
+                    0,
+                    1,
+                    2,
+                    3,
+                    4,
+                }
+    for exp in profile.experiments:
+        assert exp.settings["data"]["validation"] > 0 and exp.settings["train"]["epochs"] > 1
+
+
+def test_legacy_profile_keeps_the_fingerprints_of_the_committed_results():
+    profile = load_profile(DEFAULT_CONFIG, "legacy_v1")
+    keys = {c.key for c, _ in plan(apply_flags(profile, parse_args([])))}
+    committed = ResultStore(REPO / "benchmarks" / "results" / "quality.json").done()
+    assert keys == committed
+
+
+def test_a_grid_needs_a_validation_split():
+    profile = load_profile(DEFAULT_CONFIG, "default")
+    exp = profile.experiments[0]
+    exp.settings["data"]["validation"] = 0
+    with pytest.raises(BenchmarkError, match="validation split"):
+        validate_experiment(exp)
+
+
+def test_rate_choice_uses_validation_accuracy_and_prefers_the_earlier_rate_on_ties():
+    grid = [{"learning_rate": lr, "seed": 0, "validation": {"accuracy": acc}} for lr, acc in [(1, 0.7), (2, 0.8)]]
+    grid.append({"learning_rate": 3, "seed": 0, "validation": {"accuracy": 0.8}})
+    choice = choose_rate(grid, [1.0, 2.0, 3.0])
+    assert choice["chosen"] == 2.0 and not choice["at_edge"] and choice["grid"][0] == [1.0, 0.7]
+    assert choose_rate(grid[:2], [1.0, 2.0, 3.0]) is None  # incomplete grid: no choice yet
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    values = [0.01, 0.02, -0.01, 0.03, 0.00]
+    low, high = bootstrap_ci(values)
+    assert low < sum(values) / len(values) < high and (low, high) == bootstrap_ci(values)
+
+
+def _fake_run(calls, fail_rate=None):
+    def run_cell(cell, exp, ctx, rate):
+        calls.append((cell.phase, cell.seed, rate))
+        if rate == fail_rate:
+            raise RuntimeError("boom")
+        score = {0.0003: 0.6, 0.001: 0.8, 0.003: 0.7}[rate]
+        return {
+            "key": cell.key,
+            "settings_id": cell.settings_id,
+            "model": cell.model,
+            "task": cell.task,
+            "method": cell.method,
+            "keep_ratio": cell.keep_ratio,
+            "seed": cell.seed,
+            "phase": cell.phase,
+            "learning_rate": rate,
+            "metrics": {"accuracy": score - 0.01 * cell.seed},
+            "validation": {"accuracy": score},
+        }
+
+    return run_cell
+
+
+def test_grid_then_main_phase_runs_at_the_chosen_rate_reuses_the_grid_seed_and_resumes(tmp_path, monkeypatch):
+    profile = load_profile(DEFAULT_CONFIG, "default")
+    flags = ["--tasks", "movie", "--methods", "fish", "--keep-ratios", "0.005", "--seeds", "0,1"]
+    cells = plan(apply_flags(profile, parse_args(flags)))
+    store = ResultStore(tmp_path / "quality.json")
+    calls = []
+    monkeypatch.setattr(phases, "run_cell", _fake_run(calls, fail_rate=0.003))
+    assert len(phases.run_all(cells, store)) == 3  # one grid rate failed: both main cells wait for it
+    assert [c[2] for c in calls] == [0.0003, 0.001, 0.003]
+    calls.clear()
+    monkeypatch.setattr(phases, "run_cell", _fake_run(calls))
+    assert phases.run_all(cells, store) == []
+    assert calls == [("lr_grid", 0, 0.003), ("main", 1, 0.001)]  # seed 0 is the grid's run at 0.001, copied
+    main_records = [r for r in store.records if r["phase"] == "main"]
+    assert {(r["seed"], r["learning_rate"]) for r in main_records} == {(0, 0.001), (1, 0.001)}
+    assert all(r["lr_choice"]["chosen"] == 0.001 for r in main_records)
+    assert next(r for r in main_records if r["seed"] == 0)["reused_run"].endswith("/lr0.001/lr_grid")
+    assert phases.run_all(cells, store) == [] and len(store.records) == 5

@@ -19,6 +19,7 @@ from benchmarks.quality.plan import (
     load_profile,
     needs_hub,
     plan,
+    reuses_grid,
 )
 from benchmarks.quality.report import write_report as report
 from benchmarks.quality.store import ResultStore
@@ -92,13 +93,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         cells = plan(experiments)
         if args.list:
             done = store.done()
-            for cell, _ in cells:
-                logger.info("%s %s", "done" if cell.key in done else "todo", cell.label())
+            for cell, exp in cells:
+                reuse = " (the grid's run at the chosen rate)" if reuses_grid(cell, exp) else ""
+                logger.info("%s %s%s", "done" if cell.key in done else "todo", cell.label(), reuse)
             return 0
         if not needs_hub(experiments):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing needs the hub: never wait on the network
         # imported here, after HF_HUB_OFFLINE is set: huggingface_hub reads it once, when transformers is imported
-        from benchmarks.quality.run import run_all
+        from benchmarks.quality.phases import run_all
 
         failed = run_all(cells, store)
         write_report(store, output_dir)

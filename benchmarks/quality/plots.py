@@ -19,6 +19,7 @@ from benchmarks.quality.stats import (
 )
 
 logger = logging.getLogger("quality.report")
+CURVE_METHODS = ("fish", "ird", "lora")
 
 
 def slug(text: str) -> str:
@@ -85,8 +86,41 @@ def plot_traces(records: list[Record], title: str, path: Path) -> bool:
     return True
 
 
+def plot_convergence(records: list[Record], title: str, path: Path) -> bool:
+    """Validation accuracy vs optimizer steps of FISH, IRD and LoRA (mean ± std over seeds), one panel per budget."""
+    import matplotlib.pyplot as plt  # optional dependency: imported only when plotting
+
+    runs = [r for r in records if r["method"] in CURVE_METHODS and r.get("validation", {}).get("curve")]
+    ratios = sorted({r["keep_ratio"] for r in runs})
+    if not ratios:
+        return False
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.6), squeeze=False, sharey=True)
+    for ax, ratio in zip(axes[0], ratios):
+        for method in CURVE_METHODS:
+            curves = [r["validation"]["curve"] for r in runs if r["method"] == method and r["keep_ratio"] == ratio]
+            steps = sorted({step for curve in curves for step, _ in curve})
+            if not steps:
+                continue
+            stats = [mean_std([acc for curve in curves for s, acc in curve if s == step]) for step in steps]
+            means = [100 * m for m, _, _ in stats]
+            stds = [100 * sd for _, sd, _ in stats]
+            ax.plot(steps, means, marker=".", color=COLOURS[method], label=f"{method} (n={len(curves)})")
+            low, high = [m - sd for m, sd in zip(means, stds)], [m + sd for m, sd in zip(means, stds)]
+            ax.fill_between(steps, low, high, color=COLOURS[method], alpha=0.15)
+        ax.set_title(ratio_label(ratio), fontsize=9)
+        ax.set_xlabel("optimizer steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def make_plots(model: str, records: list[Record], output_dir: Path, tag: str) -> dict[str, list[Path]]:
-    """Per task, the accuracy and trace figures (empty when matplotlib is missing)."""
+    """Per task, the accuracy, trace and convergence figures (empty when matplotlib is missing)."""
     try:
         import matplotlib  # optional dependency ([bench] / [dev] extras)
 
@@ -105,5 +139,8 @@ def make_plots(model: str, records: list[Record], output_dir: Path, tag: str) ->
         trace_path = base.with_name(base.name + "_ird_trace.png")
         if plot_traces(mine, f"{model}, {task}: IRD candidate scores per round", trace_path):
             paths.append(trace_path)
+        curve_path = base.with_name(base.name + "_convergence.png")
+        if plot_convergence(mine, f"{model}, {task}: validation accuracy during training", curve_path):
+            paths.append(curve_path)
         out[task] = paths
     return out

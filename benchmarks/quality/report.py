@@ -9,12 +9,14 @@ settings fingerprint, so runs made with different settings are never averaged to
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from pathlib import Path
 
 from benchmarks.common import atomic_write_text
 from benchmarks.quality.plots import make_plots
+from benchmarks.quality.protocol import acceptance_lines, ci_table, grid_table, split_phases
 from benchmarks.quality.stats import (
     COMPARED_TO_FISH,
     IRD_VARIANTS,
@@ -29,6 +31,8 @@ from benchmarks.quality.stats import (
     ratio_label,
     tasks_of,
 )
+
+logger = logging.getLogger("quality.report")
 
 
 def pct(value: float) -> str:
@@ -117,7 +121,9 @@ def lora_table(records: list[Record]) -> list[str]:
 def timing_table(records: list[Record]) -> list[str]:
     rows = []
     for method in methods_present(records):
-        mine = [r for r in records if r["method"] == method]
+        mine = [r for r in records if r["method"] == method and "reused_run" not in r]  # a reused run is counted once
+        if not mine:
+            continue
         cols = [statistics.fmean(r[k] for r in mine) for k in ("selection_seconds", "train_seconds", "run_seconds")]
         rows.append([method, str(len(mine)), *[f"{c:.1f}" for c in cols]])
     return table(["method", "runs", "selection s (mean)", "training s (mean)", "whole run s (mean)"], rows)
@@ -159,8 +165,16 @@ def ird_verdicts(records: list[Record]) -> tuple[list[str], int, int]:
 def settings_line(record: Record) -> str:
     s = record["settings"]
     d, t, f, i = s["data"], s["train"], s["fish"], s["ird"]
+    splits = f"test/selection/train {record['n_test']}/{record['n_selection']}/{record['n_train']}"
+    if "n_validation" in record:
+        splits = (
+            f"test/selection/validation/train {record['n_test']}/{record['n_selection']}/"
+            f"{record['n_validation']}/{record['n_train']}"
+        )
+        curve = f", validation accuracy every {t['eval_every']} steps" if t.get("eval_every") else ""
+        splits += f" (validation carved from the training data{curve})"
     return (
-        f"splits test/selection/train {record['n_test']}/{record['n_selection']}/{record['n_train']} "
+        f"splits {splits} "
         f"(split seed {d['split_seed']}), max {d['max_length']} tokens; {t['epochs']} epoch(s), "
         f"batch {t['batch_size']}, "
         f"lr sparse {t['lr']['sparse']} / LoRA {t['lr']['lora']} / full {t['lr']['full']}; Fisher: {f['fisher']}, "
@@ -173,10 +187,15 @@ def settings_line(record: Record) -> str:
 
 
 def section_markdown(model: str, settings_id: str, records: list[Record], plots: dict[str, list[Path]]) -> list[str]:
-    lines = [f"## {model} (settings `{settings_id}`)", "", settings_line(records[0]), ""]
-    for task in tasks_of(records):
+    records, grid = split_phases(records)
+    lines = [f"## {model} (settings `{settings_id}`)", "", settings_line((records or grid)[0]), ""]
+    accept = acceptance_lines(records)
+    if accept:
+        lines += ["Acceptance (paired per-seed differences, bootstrap 95% interval of the mean):", "", *accept, ""]
+    for task in tasks_of(records + grid):
         mine = [r for r in records if r["task"] == task]
         lines += [f"### {task}", "", "Test accuracy (%), mean ± sample std over seeds:", "", *accuracy_table(mine), ""]
+        lines += grid_table([r for r in grid if r["task"] == task]) + ci_table(mine)
         paired = paired_table(mine)
         if paired:
             lines += [
@@ -215,7 +234,8 @@ def write_report(records: list[Record], output_dir: Path) -> list[Path]:
         "# Quality benchmark results",
         "",
         (
-            f"Built by `benchmarks/report_quality.py` from `quality.json` ({len(records)} runs). Test accuracy on a "
+            f"Built by `python -m benchmarks.quality --only-report` from `quality.json` ({len(records)} records). "
+            "Test accuracy on a "
             "split that neither the mask selection nor IRD's scorer saw. Differences are in percentage points (pp), "
             "paired by seed; 'wins' counts seeds where the method is strictly ahead of FISH. Every cell is listed, "
             "including those where IRD loses."
@@ -225,9 +245,11 @@ def write_report(records: list[Record], output_dir: Path) -> list[Path]:
     written = []
     for (model, settings_id), mine in groups.items():
         tag = f"_{settings_id}" if models.count(model) > 1 else ""
-        plots = make_plots(model, mine, output_dir, tag)
+        plots = make_plots(model, split_phases(mine)[0], output_dir, tag)
         written += [p for paths in plots.values() for p in paths]
         lines += section_markdown(model, settings_id, mine, plots)
+        for line in acceptance_lines(split_phases(mine)[0]):
+            logger.info("%s (%s): %s", model, settings_id, line.removeprefix("- ").replace("**", ""))
     if not records:
         lines.append("No runs yet.")
     md = output_dir / "quality.md"

@@ -1,7 +1,8 @@
-"""Running the quality benchmark: per-process caches, training, evaluation, one record per cell."""
+"""Running one cell of the quality benchmark: per-process caches, training, evaluation, its record."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -10,8 +11,6 @@ import os
 import platform
 import tempfile
 import time
-import traceback
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -20,13 +19,12 @@ import numpy as np
 import peft
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 import peft_fish_ird
 from benchmarks.quality.methods import LoraOption, build_fishird, build_full, build_lora, lora_options
 from benchmarks.quality.models import load_model, load_tokenizer, model_location
 from benchmarks.quality.plan import FISHIRD_METHODS, BenchmarkError, Cell, Experiment
-from benchmarks.quality.store import ResultStore
 from benchmarks.quality.tasks import TaskData, encode, glue_splits, num_labels_of, offline_splits
 
 logger = logging.getLogger("quality")
@@ -34,13 +32,15 @@ logger = logging.getLogger("quality")
 
 @dataclass
 class Context:
-    """Per-process caches: model locations, tokenizers, tokenized tasks, LoRA candidate counts."""
+    """Per-process caches: model locations, tokenizers, tokenized tasks, LoRA candidate counts and the
+    last model built before training (the grid's rates of one cell share its selection)."""
 
     device: str
     locations: dict[str, str] = field(default_factory=dict)
     tokenizers: dict[str, Any] = field(default_factory=dict)
     data: dict[tuple[str, str], TaskData] = field(default_factory=dict)
     lora: dict[tuple[str, str], list[LoraOption]] = field(default_factory=dict)
+    built: Optional[tuple[Any, Any, dict[str, Any]]] = None  # (cell group + seed, untrained model, info)
 
     def location(self, exp: Experiment) -> str:
         key = json.dumps(exp.model_spec, sort_keys=True)
@@ -61,7 +61,6 @@ class Context:
         return self.tokenizers[location]
 
     def task_data(self, exp: Experiment, task: str) -> TaskData:
-
         key = (exp.settings_id, task)
         if key not in self.data:
             data = exp.settings["data"]
@@ -69,7 +68,12 @@ class Context:
             tok = self.tokenizer(exp)
             enc = {name: encode(tok, rows, data["max_length"]) for name, rows in parts.items()}
             self.data[key] = TaskData(
-                enc["train"], enc["selection"], enc["test"], DataCollatorWithPadding(tok), num_labels_of(task)
+                enc["train"],
+                enc["selection"],
+                enc["test"],
+                DataCollatorWithPadding(tok),
+                num_labels_of(task),
+                enc.get("validation"),
             )
         return self.data[key]
 
@@ -79,10 +83,57 @@ class Context:
             self.lora[key] = lora_options(base, exp.settings["lora"]["target_sets"])
         return self.lora[key]
 
+    def build(self, cell: Cell, exp: Experiment, data: TaskData) -> tuple[Any, dict[str, Any]]:
+        """The cell's model before training and what building it did (selection, trainable counts).
 
-def train(model: Any, data: TaskData, lr: float, seed: int, settings: dict[str, Any]) -> tuple[float, float]:
-    """HF Trainer on the train split; returns (seconds, mean training loss). No checkpoints, no reporting."""
+        The grid's rates of one cell run one after the other on the same seed: their model before
+        training is the same (same head initialisation, same selection), so it is built once and
+        copied; ``info["reused_build"]`` says so. Training seeds everything again (``Trainer``).
+        """
+        ident = (cell.group, cell.seed)
+        if self.built is None or self.built[0] != ident:
+            self.built = None  # free the previous copy before building the next
+            base = load_model(self.location(exp), data.num_labels, self.tokenizer(exp), cell.seed, self.device)
+            if cell.method in FISHIRD_METHODS:
+                model, info = build_fishird(base, cell, exp, data)
+            elif cell.method == "lora":
+                model, info = build_lora(base, cell, exp, self.lora_options(exp, base, data.num_labels))
+            else:
+                model, info = build_full(base)
+            self.built = (ident, model, info)
+            return copy.deepcopy(model), {**info, "reused_build": False}
+        return copy.deepcopy(self.built[1]), {**self.built[2], "reused_build": True}
+
+
+class ValidationCurve(TrainerCallback):
+    """Validation accuracy every ``every`` optimizer steps and after the last: ``points = [[step, accuracy], ...]``.
+
+    ``final`` keeps the metrics of the evaluation after the last step (the trained model's validation score).
+    """
+
+    def __init__(self, data: TaskData, every: int, batch_size: int) -> None:
+        self.data, self.every, self.batch_size = data, every, batch_size
+        self.points: list[list[float]] = []
+        self.final: Optional[dict[str, float]] = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            metrics = evaluate(model, self.data.validation, self.data.collator, self.batch_size)
+            self.points.append([state.global_step, metrics["accuracy"]])
+            self.final = metrics if state.global_step == state.max_steps else None
+            model.train()
+
+
+def train(
+    model: Any, data: TaskData, lr: float, seed: int, settings: dict[str, Any]
+) -> tuple[float, float, Optional[ValidationCurve]]:
+    """HF Trainer on the train split; returns (seconds, mean training loss, validation curve).
+
+    No checkpoints, no reporting. No curve without a validation split or ``train.eval_every``.
+    """
     t = settings["train"]
+    every = t.get("eval_every")
+    curve = ValidationCurve(data, every, settings["eval_batch_size"]) if every and data.validation else None
     with tempfile.TemporaryDirectory(prefix="quality_trainer_") as out:
         args = TrainingArguments(
             output_dir=out,
@@ -99,11 +150,15 @@ def train(model: Any, data: TaskData, lr: float, seed: int, settings: dict[str, 
             disable_tqdm=True,
             dataloader_num_workers=0,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=data.collator)
+        callbacks = [curve] if curve else None
+        trainer = Trainer(
+            model=model, args=args, train_dataset=data.train, data_collator=data.collator, callbacks=callbacks
+        )
         trainer.remove_callback(PrinterCallback)
         start = time.perf_counter()
         result = trainer.train()
-        return time.perf_counter() - start, float(result.training_loss)
+        seconds = time.perf_counter() - start
+    return seconds, float(result.training_loss), curve
 
 
 def binary_scores(pred: Any, labels: Any) -> dict[str, float]:
@@ -154,29 +209,25 @@ def environment() -> dict[str, Any]:
     }
 
 
-def run_cell(cell: Cell, exp: Experiment, ctx: Context) -> dict[str, Any]:
-    """Build, select, train and evaluate one cell; returns its JSON record."""
+def run_cell(cell: Cell, exp: Experiment, ctx: Context, rate: float) -> dict[str, Any]:
+    """Build, select, train at ``rate`` and evaluate one cell; returns its JSON record."""
     start, cpu_start = time.perf_counter(), time.process_time()
     data = ctx.task_data(exp, cell.task)
-    location, tokenizer = ctx.location(exp), ctx.tokenizer(exp)
-    base = load_model(location, data.num_labels, tokenizer, cell.seed, ctx.device)
-    lr = exp.settings["train"]["lr"]
-    if cell.method in FISHIRD_METHODS:
-        model, info = build_fishird(base, cell, exp, data)
-        rate = lr["sparse"]
-    elif cell.method == "lora":
-        model, info = build_lora(base, cell, exp, ctx.lora_options(exp, base, data.num_labels))
-        rate = lr["lora"]
-    else:
-        model, info = build_full(base)
-        rate = lr["full"]
-    train_seconds, train_loss = train(model, data, rate, cell.seed, exp.settings)
+    model, info = ctx.build(cell, exp, data)
+    train_seconds, train_loss, curve = train(model, data, rate, cell.seed, exp.settings)
     eval_start = time.perf_counter()
-    metrics = evaluate(model, data.test, data.collator, exp.settings["eval_batch_size"])
+    batch = exp.settings["eval_batch_size"]
+    metrics = evaluate(model, data.test, data.collator, batch)
+    eval_seconds = time.perf_counter() - eval_start
+    validation = {}
+    if data.validation is not None:
+        final = curve.final if curve and curve.final else evaluate(model, data.validation, data.collator, batch)
+        validation = {"validation": {**final, "curve": curve.points if curve else []}}
     record = {
         "key": cell.key,
         "settings_id": cell.settings_id,
         "experiment": cell.experiment,
+        "phase": cell.phase,
         "task": cell.task,
         "model": cell.model,
         "model_source": exp.model_spec,
@@ -184,13 +235,15 @@ def run_cell(cell: Cell, exp: Experiment, ctx: Context) -> dict[str, Any]:
         "keep_ratio": cell.keep_ratio,
         "seed": cell.seed,
         "metrics": metrics,
+        **validation,
         "train_loss": train_loss,
         "learning_rate": rate,
         "train_seconds": round(train_seconds, 3),
-        "eval_seconds": round(time.perf_counter() - eval_start, 3),
+        "eval_seconds": round(eval_seconds, 3),
         "n_train": len(data.train),
         "n_selection": len(data.selection),
         "n_test": len(data.test),
+        **({"n_validation": len(data.validation)} if data.validation is not None else {}),
         **info,
         "selection_seconds": round(info["selection_seconds"], 3),
         "run_seconds": round(time.perf_counter() - start, 3),
@@ -199,61 +252,6 @@ def run_cell(cell: Cell, exp: Experiment, ctx: Context) -> dict[str, Any]:
         "env": environment(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    del model, base
+    del model
     gc.collect()
     return record
-
-
-class Progress:
-    """Logs each run with an ETA from the mean time of finished runs of the same model and method."""
-
-    def __init__(self, todo: list[Cell]) -> None:
-        self.todo, self.done, self.seconds = todo, 0, {}
-
-    def eta(self) -> float:
-        every = [s for times in self.seconds.values() for s in times]
-        if not every:
-            return float("nan")
-        mean = sum(every) / len(every)
-        rest = self.todo[self.done :]
-        by_kind = {k: sum(v) / len(v) for k, v in self.seconds.items()}
-        return sum(by_kind.get((c.model, c.method), mean) for c in rest)
-
-    def finish(self, cell: Cell, seconds: float, accuracy: Optional[float]) -> None:
-        self.done += 1
-        self.seconds.setdefault((cell.model, cell.method), []).append(seconds)
-        result = "FAILED" if accuracy is None else f"accuracy {accuracy:.4f}"
-        eta = self.eta()
-        eta_text = "" if math.isnan(eta) else f", about {eta / 60:.1f} min left"
-        logger.info("[%d/%d] %s: %s in %.0fs%s", self.done, len(self.todo), cell.label(), result, seconds, eta_text)
-
-
-def run_all(cells: list[tuple[Cell, Experiment]], store: ResultStore) -> list[str]:
-    """Run every cell not in the store yet; returns the labels of cells that failed (logged, not stored)."""
-    done = store.done()
-    todo = [(c, e) for c, e in cells if c.key not in done]
-    logger.info(
-        "%d runs planned, %d already in %s, %d to run", len(cells), len(cells) - len(todo), store.path, len(todo)
-    )
-    if not todo:
-        return []
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, once per run
-    use_cpu = all(exp.settings["train"]["use_cpu"] for _, exp in todo)
-    ctx = Context(device="cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
-    progress, failed = Progress([c for c, _ in todo]), []
-    for cell, exp in todo:
-        start = time.perf_counter()
-        try:
-            record = run_cell(cell, exp, ctx)
-        except BenchmarkError:
-            raise
-        except Exception:  # noqa: BLE001 - one failed run must not lose the others; it is retried on rerun
-            logger.error("run %s failed:\n%s", cell.label(), traceback.format_exc())
-            failed.append(cell.label())
-            progress.finish(cell, time.perf_counter() - start, None)
-            continue
-        store.append(record)
-        progress.finish(cell, time.perf_counter() - start, record["metrics"]["accuracy"])
-    return failed

@@ -7,6 +7,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any, Optional
 
+import numpy as np
+
 METHOD_ORDER = ("fish", "ird", "ird_reverse", "ird_random", "random", "lora", "full")
 COMPARED_TO_FISH = ("ird", "ird_reverse", "ird_random", "random", "lora")
 IRD_VARIANTS = ("ird", "ird_reverse", "ird_random")
@@ -68,3 +70,35 @@ def tasks_of(records: list[Record]) -> list[str]:
 
 def ratio_label(ratio: Optional[float]) -> str:
     return "100% (full)" if ratio is None else f"{100 * ratio:g}%"
+
+
+def choose_rate(grid: list[Record], rates: list[float]) -> Optional[dict[str, Any]]:
+    """The grid's rate with the highest validation accuracy (ties: the earlier rate of the grid).
+
+    Returns ``{"chosen", "grid": [[rate, validation accuracy], ...], "seed", "at_edge"}``, or None while a
+    rate of ``rates`` has no record yet. The test split plays no part in the choice.
+    """
+    scores = {r["learning_rate"]: r["validation"]["accuracy"] for r in grid}
+    if any(rate not in scores for rate in rates):
+        return None
+    best = max(rates, key=lambda rate: (scores[rate], -rates.index(rate)))
+    seeds = sorted({r["seed"] for r in grid})
+    return {
+        "chosen": best,
+        "grid": [[rate, scores[rate]] for rate in rates],
+        "seed": seeds[0],
+        "at_edge": best in (rates[0], rates[-1]),
+    }
+
+
+def bootstrap_ci(
+    values: list[float], resamples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (numpy, seeded; resampling with replacement)."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    data = np.asarray(values, dtype=float)
+    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)

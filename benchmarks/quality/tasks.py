@@ -28,17 +28,26 @@ class TaskData:
     test: Any
     collator: Any
     num_labels: int
+    validation: Any = None  # carved from the training data; None when the settings ask for none
 
 
-def resolve_sizes(n: int, test: Optional[int], selection: int, train: Optional[int], task: str) -> dict[str, int]:
-    """Split sizes in split order (test, selection, train); ``None`` means all that remains."""
-    test = n - selection - (train or 0) if test is None else test
-    train = n - test - selection if train is None else train
-    if min(test, selection, train) <= 0 or test + selection + train > n:
+def resolve_sizes(
+    n: int, test: Optional[int], selection: int, train: Optional[int], task: str, validation: int = 0
+) -> dict[str, int]:
+    """Split sizes in split order (test, selection, [validation,] train); ``None`` means all that remains.
+
+    The validation split (learning-rate choice, convergence curves) is carved from the training data,
+    so the test and selection splits are the same with or without it.
+    """
+    test = n - selection - validation - (train or 0) if test is None else test
+    train = n - test - selection - validation if train is None else train
+    if min(test, selection, train) <= 0 or validation < 0 or test + selection + validation + train > n:
         raise BenchmarkError(
-            f"Task {task!r} has {n} examples; cannot split test={test}, selection={selection}, train={train}."
+            f"Task {task!r} has {n} examples; cannot split test={test}, selection={selection}, "
+            f"validation={validation}, train={train}."
         )
-    return {"test": test, "selection": selection, "train": train}
+    middle = {"validation": validation} if validation else {}
+    return {"test": test, "selection": selection, **middle, "train": train}
 
 
 def offline_rows(task: str) -> list[Example]:
@@ -47,14 +56,17 @@ def offline_rows(task: str) -> list[Example]:
 
 
 def offline_splits(task: str, data: dict[str, Any]) -> dict[str, list[Example]]:
-    """Seeded disjoint test / selection / train splits of an offline task."""
+    """Seeded disjoint test / selection / (validation) / train splits of an offline task."""
     rows = offline_rows(task)
-    sizes = resolve_sizes(len(rows), data["test"], data["selection"], data["train"], task)
+    sizes = resolve_sizes(len(rows), data["test"], data["selection"], data["train"], task, data.get("validation", 0))
     return split(rows, sizes, seed=data["split_seed"])
 
 
 def glue_splits(task: str, data: dict[str, Any]) -> dict[str, list[Example]]:
-    """GLUE via ``datasets``: selection and train from GLUE train, test = GLUE validation (test labels are hidden)."""
+    """GLUE via ``datasets``: selection, validation and train from GLUE train; test = GLUE validation.
+
+    (GLUE's test labels are hidden.)
+    """
     name = task.split("/", 1)[1]
     first, second, _, eval_split = GLUE_TASKS[name]
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
@@ -77,8 +89,10 @@ def glue_splits(task: str, data: dict[str, Any]) -> dict[str, list[Example]]:
     pool, test = rows(glue["train"]), rows(glue[eval_split])
     if data["test"] is not None:
         test = split(test, {"test": min(data["test"], len(test))}, seed=data["split_seed"])["test"]
-    train_size = len(pool) - data["selection"] if data["train"] is None else data["train"]
-    parts = split(pool, {"selection": data["selection"], "train": train_size}, seed=data["split_seed"])
+    validation = data.get("validation", 0)
+    train_size = len(pool) - data["selection"] - validation if data["train"] is None else data["train"]
+    sizes = {"selection": data["selection"], **({"validation": validation} if validation else {}), "train": train_size}
+    parts = split(pool, sizes, seed=data["split_seed"])
     return {"test": test, **parts}
 
 
