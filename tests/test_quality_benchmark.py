@@ -240,6 +240,10 @@ def test_smoke_benchmark_runs_records_and_resumes(tmp_path):
         assert (r["task"], r["model"], r["keep_ratio"], r["seed"]) == ("movie", "minilm", 0.005, 0)
         assert 0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["metrics"]["n"] == r["n_test"] == 48
         assert r["train_seconds"] > 0 and r["env"]["torch"]
+        assert r["phase"] == "main" and r["learning_rate"] == 0.001
+        assert r["validation"]["n"] == r["n_validation"] == 24  # carved from the training data, scored after training
+        assert [step for step, _ in r["validation"]["curve"]] == [2, 3]  # every 2 steps and after the last of 3
+        assert r["validation"]["curve"][-1][1] == r["validation"]["accuracy"]
     fish, ird, lora = by_method["fish"], by_method["ird"], by_method["lora"]
     budget = int(0.005 * fish["trainable"]["total_params"])
     assert fish["trainable"]["count"] == fish["trainable"]["sparse_entries"] + fish["trainable"]["head"] == budget

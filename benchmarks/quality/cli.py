@@ -41,7 +41,9 @@ def csv_list(kind: type) -> Any:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="JSON file with the profiles")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--profile", default=None, help="profile of the config to run (default: 'default')")

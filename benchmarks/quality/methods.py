@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -58,6 +59,13 @@ def match_lora(target_total: int, options: list[LoraOption]) -> tuple[LoraOption
     return option, rank, count
 
 
+def adapter_config(config: Any) -> dict[str, Any]:
+    """The run's PEFT config as ``save_pretrained`` writes it to ``adapter_config.json`` (sets as sorted lists)."""
+    return json.loads(
+        json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
+    )
+
+
 def build_fishird(base: Any, cell: Cell, exp: Experiment, data: TaskData) -> tuple[Any, dict[str, Any]]:
     """FishIRD adapter prepared with the cell's selection; returns the model and what the selection did."""
     s = exp.settings
@@ -68,6 +76,7 @@ def build_fishird(base: Any, cell: Cell, exp: Experiment, data: TaskData) -> tup
     selection = data.selection if cell.method in IRD_METHODS else None
     record = model.prepare(data.train, data_collator=data.collator, selection_dataset=selection, progress=False)
     info = {
+        "adapter_config": adapter_config(config),
         "selection_seconds": record.seconds,
         "trainable": {
             "count": trainable_count(model),
@@ -108,6 +117,7 @@ def build_lora(base: Any, cell: Cell, exp: Experiment, options: list[LoraOption]
     if count != expected:
         raise RuntimeError(f"LoRA trains {count} parameters, the rank matching expected {expected}.")
     info = {
+        "adapter_config": adapter_config(config),
         "selection_seconds": 0.0,
         "trainable": {
             "count": count,

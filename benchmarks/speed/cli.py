@@ -15,7 +15,9 @@ from benchmarks.speed.report import write_markdown, write_plot
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.speed", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--fisher-samples", type=int, default=128)
