@@ -357,3 +357,26 @@ def test_grid_then_main_phase_runs_at_the_chosen_rate_reuses_the_grid_seed_and_r
     assert all(r["lr_choice"]["chosen"] == 0.001 for r in main_records)
     assert next(r for r in main_records if r["seed"] == 0)["reused_run"].endswith("/lr0.001/lr_grid")
     assert phases.run_all(cells, store) == [] and len(store.records) == 5
+
+
+def test_report_prints_acceptance_lines_grid_table_and_bootstrap_intervals(tmp_path):
+    records = []
+    for ratio in (0.002, 0.005):
+        for seed in range(5):
+            noise = 0.002 * seed
+            records += [
+                _record("lora", ratio, seed, 0.70 + noise),
+                _record("fish", ratio, seed, 0.71 + noise),
+                _record("ird", ratio, seed, 0.73 + noise + (0.01 if seed % 2 else 0.0)),
+            ]
+    for lr, acc in ((0.001, 0.70), (0.003, 0.75), (0.01, 0.72)):
+        grid = _record("lora", 0.005, 0, 0.5)
+        grid.update(key=f"grid{lr}", phase="lr_grid", learning_rate=lr, validation={"accuracy": acc})
+        records.append(grid)
+    write_report(records, tmp_path)
+    md = (tmp_path / "quality.md").read_text()
+    assert "- **PASS** fish − lora, pooled over 2 task × budget cells (0.2%, 0.5%): +1.0 pp [+1.0, +1.0] (n=10)" in md
+    assert "- **PASS** ird − fish, pooled over 2 task × budget cells" in md
+    assert "| lora | 0.5% | 0.001: 70.0, **0.003: 75.0**, 0.01: 72.0 | seed 0 |" in md
+    assert "| 0.5% | ird − fish | +2.4 pp [" in md
+    assert "| lora | 70.4 ± 0.3 (n=5) | 70.4 ± 0.3 (n=5) |" in md  # grid runs never enter the accuracy table

@@ -195,7 +195,8 @@ def section_markdown(model: str, settings_id: str, records: list[Record], plots:
     for task in tasks_of(records + grid):
         mine = [r for r in records if r["task"] == task]
         lines += [f"### {task}", "", "Test accuracy (%), mean ± sample std over seeds:", "", *accuracy_table(mine), ""]
-        lines += grid_table([r for r in grid if r["task"] == task]) + ci_table(mine)
+        grid_runs = [r for r in grid if r["task"] == task]
+        lines += grid_table(grid_runs) + ci_table(mine)
         paired = paired_table(mine)
         if paired:
             lines += [
@@ -218,7 +219,7 @@ def section_markdown(model: str, settings_id: str, records: list[Record], plots:
                 *lora,
                 "",
             ]
-        lines += ["Seconds per run:", "", *timing_table(mine), ""]
+        lines += ["Seconds per run:", "", *timing_table(mine + grid_runs), ""]  # every run made, grid runs included
         for path in plots.get(task, []):
             lines += [f"![{path.stem}]({path.name})", ""]
     return lines
