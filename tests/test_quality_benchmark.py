@@ -380,3 +380,10 @@ def test_report_prints_acceptance_lines_grid_table_and_bootstrap_intervals(tmp_p
     assert "| lora | 0.5% | 0.001: 70.0, **0.003: 75.0**, 0.01: 72.0 | seed 0 |" in md
     assert "| 0.5% | ird − fish | +2.4 pp [" in md
     assert "| lora | 70.4 ± 0.3 (n=5) | 70.4 ± 0.3 (n=5) |" in md  # grid runs never enter the accuracy table
+
+
+def test_grids_must_have_the_same_size_for_every_method():
+    exp = load_profile(DEFAULT_CONFIG, "default").experiments[0]
+    exp.settings["train"]["lr"]["lora"] = [0.001, 0.002]
+    with pytest.raises(BenchmarkError, match="same size"):
+        validate_experiment(exp)

@@ -72,8 +72,8 @@ def reused_record(cell: Cell, choice: dict[str, Any], store: ResultStore) -> dic
         for r in store.records
         if r.get("phase") == GRID_PHASE and group_of(r) == cell.group and r["learning_rate"] == choice["chosen"]
     )
-    return {**run, "key": cell.key, "experiment": cell.experiment, "phase": cell.phase, "lr_choice": choice,
-            "reused_run": run["key"]}  # fmt: skip
+    relabel = {"key": cell.key, "experiment": cell.experiment, "phase": cell.phase, "lr_choice": choice}
+    return {**run, **relabel, "reused_run": run["key"]}
 
 
 def run_all(cells: list[tuple[Cell, Experiment]], store: ResultStore) -> list[str]:

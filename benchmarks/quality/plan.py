@@ -208,7 +208,19 @@ def validate_experiment(exp: Experiment) -> None:
     bad_ratios = [r for r in exp.keep_ratios if not 0.0 < r <= 1.0]
     if bad_ratios:
         raise BenchmarkError(f"Experiment {exp.name!r}: keep ratios {bad_ratios} are outside (0, 1], e.g. 0.005.")
-    grids = [m for m in exp.methods if len(learning_rates(exp.settings, m)) > 1]
+    rates = {m: learning_rates(exp.settings, m) for m in exp.methods}
+    bad_rates = {m: r for m, r in rates.items() if not r or min(r) <= 0 or len(set(r)) < len(r)}
+    if bad_rates:
+        raise BenchmarkError(
+            f"Experiment {exp.name!r}: learning rates {bad_rates} must be positive and distinct, "
+            "e.g. [3e-4, 1e-3, 3e-3]."
+        )
+    grids = [m for m, r in rates.items() if len(r) > 1]
+    if len({len(rates[m]) for m in grids}) > 1:
+        raise BenchmarkError(
+            f"Experiment {exp.name!r}: the learning-rate grids have different sizes "
+            f"{ {m: len(rates[m]) for m in grids} }; give every method a grid of the same size (a fair search)."
+        )
     if grids and not exp.settings["data"].get("validation"):
         raise BenchmarkError(
             f"Experiment {exp.name!r}: methods {grids} have a learning-rate grid, which is chosen on the "

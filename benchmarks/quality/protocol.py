@@ -58,11 +58,8 @@ def grid_table(grid: list[Record]) -> list[str]:
     for (method, ratio), runs in cells.items():
         runs = sorted(runs, key=lambda r: r["learning_rate"])
         best = max(runs, key=lambda r: r["validation"]["accuracy"])  # the first maximum: the earlier rate
-        scores = [
-            (f"**{r['learning_rate']:g}: {100 * r['validation']['accuracy']:.1f}**" if r is best else
-             f"{r['learning_rate']:g}: {100 * r['validation']['accuracy']:.1f}")
-            for r in runs
-        ]  # fmt: skip
+        scores = [f"{r['learning_rate']:g}: {100 * r['validation']['accuracy']:.1f}" for r in runs]
+        scores = [f"**{text}**" if r is best else text for r, text in zip(runs, scores)]
         edge = " (at the grid's edge)" if best in (runs[0], runs[-1]) else ""
         rows.append(f"| {method} | {ratio_label(ratio)} | {', '.join(scores)}{edge} | seed {runs[0]['seed']} |")
     if not rows:
