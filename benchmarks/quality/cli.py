@@ -11,6 +11,7 @@ from typing import Any, Optional
 from benchmarks.quality import __doc__ as DOC
 from benchmarks.quality.plan import (
     DEFAULT_CONFIG,
+    GRID_PHASE,
     METHODS,
     OFFLINE_TASKS,
     RESULTS_NAME,
@@ -98,6 +99,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             for cell, exp in cells:
                 reuse = " (the grid's run at the chosen rate)" if reuses_grid(cell, exp) else ""
                 logger.info("%s %s%s", "done" if cell.key in done else "todo", cell.label(), reuse)
+            grid = sum(c.phase == GRID_PHASE for c, _ in cells)
+            copies = sum(reuses_grid(c, e) for c, e in cells)
+            logger.info(
+                "%d records: %d learning-rate grid runs, %d main runs, %d main records copied from the grid",
+                len(cells),
+                grid,
+                len(cells) - grid - copies,
+                copies,
+            )
             return 0
         if not needs_hub(experiments):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing needs the hub: never wait on the network
