@@ -1,4 +1,4 @@
-"""The quality benchmark (benchmarks/quality.py) plans, runs, resumes and reports; the smoke profile runs for real."""
+"""The quality benchmark (python -m benchmarks.quality) plans, runs, resumes and reports; the smoke profile runs."""
 
 from __future__ import annotations
 
@@ -12,25 +12,34 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "quality.py"
+sys.path.insert(0, str(REPO))  # the benchmarks package sits at the repository root, beside the package
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load("quality_benchmark", SCRIPT)
-report = _load("report_quality", REPO / "benchmarks" / "report_quality.py")
+from benchmarks.quality import phases  # noqa: E402
+from benchmarks.quality.cli import main, parse_args  # noqa: E402
+from benchmarks.quality.methods import LoraOption, match_lora  # noqa: E402
+from benchmarks.quality.plan import (  # noqa: E402
+    DEFAULT_CONFIG,
+    FISHIRD_METHODS,
+    GRID_PHASE,
+    OFFLINE_TASKS,
+    BenchmarkError,
+    apply_flags,
+    deep_merge,
+    load_profile,
+    needs_hub,
+    plan,
+    validate_experiment,
+)
+from benchmarks.quality.report import write_report  # noqa: E402
+from benchmarks.quality.stats import bootstrap_ci, choose_rate, paired_differences  # noqa: E402
+from benchmarks.quality.store import ResultStore  # noqa: E402
+from benchmarks.quality.tasks import glue_splits, resolve_sizes  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ planning
-def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
-    profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
-    cells = [c for c, _ in quality.plan(quality.apply_flags(profile, quality.parse_args([])))]
+def test_legacy_profile_covers_every_method_at_both_budgets_and_the_sweep():
+    profile = load_profile(DEFAULT_CONFIG, "legacy_v1")
+    cells = [c for c, _ in plan(apply_flags(profile, parse_args([])))]
     keys = [c.key for c in cells]
     assert len(keys) == len(set(keys))  # main and sweep share cells; each runs once
     minilm = [c for c in cells if c.model == "minilm"]
@@ -39,12 +48,12 @@ def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
         return {c.seed for c in minilm if (c.task, c.method, c.keep_ratio) == (task, method, ratio)}
 
     for ratio in (0.002, 0.005):
-        for method in quality.FISHIRD_METHODS + ("lora",):
+        for method in FISHIRD_METHODS + ("lora",):
             assert seeds("movie", method, ratio) == {0, 1, 2}
         for task in ("tweets", "rotten_tomatoes"):
             for method in ("fish", "ird", "random", "lora"):
                 assert seeds(task, method, ratio) == {0, 1, 2}
-    for task in quality.OFFLINE_TASKS:
+    for task in OFFLINE_TASKS:
         assert seeds(task, "full", None) == {0, 1, 2}
     sweep = {c.keep_ratio for c in minilm if c.task == "movie" and c.method in ("fish", "ird", "lora")}
     assert sweep == {0.0005, 0.001, 0.002, 0.005, 0.01}
@@ -52,28 +61,28 @@ def test_default_profile_covers_every_method_at_both_budgets_and_the_sweep():
 
 
 def test_optional_experiments_run_only_when_named():
-    profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
-    args = quality.parse_args(["--experiments", "tasks_ird_controls"])
-    cells = [c for c, _ in quality.plan(quality.apply_flags(profile, args))]
+    profile = load_profile(DEFAULT_CONFIG, "legacy_v1")
+    args = parse_args(["--experiments", "tasks_ird_controls"])
+    cells = [c for c, _ in plan(apply_flags(profile, args))]
     assert {(c.task, c.method) for c in cells} == {
         (t, m) for t in ("tweets", "rotten_tomatoes") for m in ("ird_reverse", "ird_random")
     }
-    default = quality.apply_flags(profile, quality.parse_args([]))
+    default = apply_flags(profile, parse_args([]))
     assert "tasks_ird_controls" not in {e.name for e in default}
 
 
 def test_flags_replace_lists_and_filter_experiments():
-    profile = quality.load_profile(quality.DEFAULT_CONFIG, "default")
-    args = quality.parse_args(["--experiments", "main", "--tasks", "tweets", "--methods", "fish,full", "--seeds", "4"])
-    cells = [c for c, _ in quality.plan(quality.apply_flags(profile, args))]
+    profile = load_profile(DEFAULT_CONFIG, "legacy_v1")
+    args = parse_args(["--experiments", "main", "--tasks", "tweets", "--methods", "fish,full", "--seeds", "4"])
+    cells = [c for c, _ in plan(apply_flags(profile, args))]
     assert {(c.task, c.method, c.keep_ratio, c.seed) for c in cells} == {
         ("tweets", "fish", 0.002, 4),
         ("tweets", "fish", 0.005, 4),
         ("tweets", "full", None, 4),
     }
-    online = quality.apply_flags(profile, quality.parse_args(["--model", "bert-base-uncased", "--tasks", "glue/sst2"]))
-    assert {e.model for e in online} == {"bert-base-uncased"} and quality.needs_hub(online)
-    assert not quality.needs_hub(profile.experiments)
+    online = apply_flags(profile, parse_args(["--model", "bert-base-uncased", "--tasks", "glue/sst2"]))
+    assert {e.model for e in online} == {"bert-base-uncased"} and needs_hub(online)
+    assert not needs_hub(profile.experiments)
 
 
 @pytest.mark.parametrize(
@@ -87,60 +96,60 @@ def test_flags_replace_lists_and_filter_experiments():
     ],
 )
 def test_bad_flags_fail_with_a_message_naming_the_fix(flags, message, caplog):
-    assert quality.main([*flags, "--list"]) == 2
+    assert main([*flags, "--list"]) == 2
     assert message in caplog.text
 
 
 def test_seeds_flag_must_be_integers():
     with pytest.raises(SystemExit):
-        quality.parse_args(["--seeds", "a,b"])
+        parse_args(["--seeds", "a,b"])
 
 
 def test_settings_overrides_refuse_unknown_keys():
-    with pytest.raises(quality.BenchmarkError, match="unknown setting 'epoch'"):
-        quality.deep_merge({"train": {"epochs": 1}}, {"train": {"epoch": 2}}, "test")
-    assert quality.deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}, "test") == {"a": {"b": 1, "c": 3}}
+    with pytest.raises(BenchmarkError, match="unknown setting 'epoch'"):
+        deep_merge({"train": {"epochs": 1}}, {"train": {"epoch": 2}}, "test")
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}, "test") == {"a": {"b": 1, "c": 3}}
 
 
 def test_glue_needs_the_hub_and_says_so_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = {"split_seed": 0, "test": 10, "selection": 10, "train": 10}
-    with pytest.raises(quality.BenchmarkError, match="hub"):
-        quality.glue_splits("glue/sst2", data)
+    with pytest.raises(BenchmarkError, match="hub"):
+        glue_splits("glue/sst2", data)
 
 
 def test_split_sizes_fill_in_the_remainder_and_refuse_too_much():
-    assert quality.resolve_sizes(100, 20, 10, None, "t") == {"test": 20, "selection": 10, "train": 70}
-    with pytest.raises(quality.BenchmarkError, match="cannot split"):
-        quality.resolve_sizes(100, 60, 30, 20, "t")
+    assert resolve_sizes(100, 20, 10, None, "t") == {"test": 20, "selection": 10, "train": 70}
+    with pytest.raises(BenchmarkError, match="cannot split"):
+        resolve_sizes(100, 60, 30, 20, "t")
 
 
 # ------------------------------------------------------------------------------------------ LoRA matching
 def test_lora_rank_matching_picks_the_closest_count_and_prefers_earlier_target_sets():
     # all-MiniLM-L6-v2: query+value 9,216 per rank, +query.key 13,824, all-linear 42,240; head 770
     options = [
-        quality.LoraOption(["query", "value"], 9216, 770),
-        quality.LoraOption(["query", "key", "value"], 13824, 770),
-        quality.LoraOption("all-linear", 42240, 770),
+        LoraOption(["query", "value"], 9216, 770),
+        LoraOption(["query", "key", "value"], 13824, 770),
+        LoraOption("all-linear", 42240, 770),
     ]
-    option, rank, count = quality.match_lora(113569, options)  # FISH budget at 0.5%
+    option, rank, count = match_lora(113569, options)  # FISH budget at 0.5%
     assert (option.targets, rank, count) == (["query", "value"], 12, 111362)  # qkv r=8 ties: earlier set wins
-    option, rank, count = quality.match_lora(45427, options)  # 0.2%
+    option, rank, count = match_lora(45427, options)  # 0.2%
     assert (option.targets, rank, count) == (["query", "value"], 5, 46850)
-    option, rank, _ = quality.match_lora(10, options)
+    option, rank, _ = match_lora(10, options)
     assert rank == 1  # never rank 0
 
 
 # ------------------------------------------------------------------------------------------ results and report
 def test_store_appends_atomically_and_refuses_a_corrupt_file(tmp_path):
-    store = quality.ResultStore(tmp_path / "quality.json")
+    store = ResultStore(tmp_path / "quality.json")
     store.append({"key": "a", "x": 1})
     store.append({"key": "b", "x": 2})
-    assert quality.ResultStore(tmp_path / "quality.json").done() == {"a", "b"}
+    assert ResultStore(tmp_path / "quality.json").done() == {"a", "b"}
     assert [p.name for p in tmp_path.iterdir()] == ["quality.json"]  # no temporary files left behind
     (tmp_path / "quality.json").write_text("{broken")
-    with pytest.raises(quality.BenchmarkError, match="not valid JSON"):
-        quality.ResultStore(tmp_path / "quality.json")
+    with pytest.raises(BenchmarkError, match="not valid JSON"):
+        ResultStore(tmp_path / "quality.json")
 
 
 def _record(method, ratio, seed, acc, best_round=1):
@@ -195,8 +204,8 @@ def test_report_pairs_seeds_and_lists_every_budget_where_ird_does_not_win(tmp_pa
             _record("lora", 0.005, seed, 0.6),
         ]
     records.append(_record("full", None, 0, 0.8))
-    assert report.paired_differences(records, "ird", 0.002) == pytest.approx({0: 0.02, 1: -0.02, 2: -0.01})
-    paths = report.write_report(records, tmp_path)
+    assert paired_differences(records, "ird", 0.002) == pytest.approx({0: 0.02, 1: -0.02, 2: -0.01})
+    paths = write_report(records, tmp_path)
     md = (tmp_path / "quality.md").read_text()
     assert "0.2%: **IRD does not beat FISH**: -0.3 ± 2.1 pp, 1/3 wins [+2.0, -2.0, -1.0]" in md
     assert "0.5%: IRD ahead by +1.0 pp" in md
@@ -210,7 +219,7 @@ def test_report_pairs_seeds_and_lists_every_budget_where_ird_does_not_win(tmp_pa
 # ------------------------------------------------------------------------------------------ smoke run (real MiniLM)
 def _run(out: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--output-dir", str(out), *flags]
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--smoke", "--output-dir", str(out), *flags]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -231,6 +240,10 @@ def test_smoke_benchmark_runs_records_and_resumes(tmp_path):
         assert (r["task"], r["model"], r["keep_ratio"], r["seed"]) == ("movie", "minilm", 0.005, 0)
         assert 0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["metrics"]["n"] == r["n_test"] == 48
         assert r["train_seconds"] > 0 and r["env"]["torch"]
+        assert r["phase"] == "main" and r["learning_rate"] == 0.001
+        assert r["validation"]["n"] == r["n_validation"] == 24  # carved from the training data, scored after training
+        assert [step for step, _ in r["validation"]["curve"]] == [2, 3]  # every 2 steps and after the last of 3
+        assert r["validation"]["curve"][-1][1] == r["validation"]["accuracy"]
     fish, ird, lora = by_method["fish"], by_method["ird"], by_method["lora"]
     budget = int(0.005 * fish["trainable"]["total_params"])
     assert fish["trainable"]["count"] == fish["trainable"]["sparse_entries"] + fish["trainable"]["head"] == budget
@@ -245,3 +258,132 @@ def test_smoke_benchmark_runs_records_and_resumes(tmp_path):
     assert "0 to run" in third.stderr
     assert json.loads((tmp_path / "quality.json").read_text())["records"] == records
     assert "### movie" in (tmp_path / "quality.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ protocol v2
+def test_default_profile_tunes_every_rate_on_validation_and_runs_five_seeds_of_the_main_methods():
+    profile = load_profile(DEFAULT_CONFIG, "default")
+    cells = [c for c, _ in plan(apply_flags(profile, parse_args([])))]
+    grid = [c for c in cells if c.phase == GRID_PHASE]
+    main_cells = [c for c in cells if c.phase != GRID_PHASE]
+    assert cells[: len(grid)] == grid  # every grid cell runs before any main cell
+    assert all(c.seed == 0 for c in grid)
+    rates = {}
+    for c in grid:
+        rates.setdefault((c.task, c.method, c.keep_ratio), set()).add(c.learning_rate)
+    assert {len(r) for r in rates.values()} == {3}  # the same grid size for every method
+    for task in OFFLINE_TASKS:
+        for ratio in (0.002, 0.005):
+            for method in ("fish", "ird", "lora"):
+                assert (task, method, ratio) in rates
+                assert {c.seed for c in main_cells if (c.task, c.method, c.keep_ratio) == (task, method, ratio)} == {
+                    0,
+                    1,
+                    2,
+                    3,
+                    4,
+                }
+    for exp in profile.experiments:
+        assert exp.settings["data"]["validation"] > 0 and exp.settings["train"]["epochs"] > 1
+
+
+def test_legacy_profile_keeps_the_fingerprints_of_the_committed_results():
+    profile = load_profile(DEFAULT_CONFIG, "legacy_v1")
+    keys = {c.key for c, _ in plan(apply_flags(profile, parse_args([])))}
+    committed = ResultStore(REPO / "benchmarks" / "results" / "quality.json").done()
+    assert keys == committed
+
+
+def test_a_grid_needs_a_validation_split():
+    profile = load_profile(DEFAULT_CONFIG, "default")
+    exp = profile.experiments[0]
+    exp.settings["data"]["validation"] = 0
+    with pytest.raises(BenchmarkError, match="validation split"):
+        validate_experiment(exp)
+
+
+def test_rate_choice_uses_validation_accuracy_and_prefers_the_earlier_rate_on_ties():
+    grid = [{"learning_rate": lr, "seed": 0, "validation": {"accuracy": acc}} for lr, acc in [(1, 0.7), (2, 0.8)]]
+    grid.append({"learning_rate": 3, "seed": 0, "validation": {"accuracy": 0.8}})
+    choice = choose_rate(grid, [1.0, 2.0, 3.0])
+    assert choice["chosen"] == 2.0 and not choice["at_edge"] and choice["grid"][0] == [1.0, 0.7]
+    assert choose_rate(grid[:2], [1.0, 2.0, 3.0]) is None  # incomplete grid: no choice yet
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    values = [0.01, 0.02, -0.01, 0.03, 0.00]
+    low, high = bootstrap_ci(values)
+    assert low < sum(values) / len(values) < high and (low, high) == bootstrap_ci(values)
+
+
+def _fake_run(calls, fail_rate=None):
+    def run_cell(cell, exp, ctx, rate):
+        calls.append((cell.phase, cell.seed, rate))
+        if rate == fail_rate:
+            raise RuntimeError("boom")
+        score = {0.0003: 0.6, 0.001: 0.8, 0.003: 0.7}[rate]
+        return {
+            "key": cell.key,
+            "settings_id": cell.settings_id,
+            "model": cell.model,
+            "task": cell.task,
+            "method": cell.method,
+            "keep_ratio": cell.keep_ratio,
+            "seed": cell.seed,
+            "phase": cell.phase,
+            "learning_rate": rate,
+            "metrics": {"accuracy": score - 0.01 * cell.seed},
+            "validation": {"accuracy": score},
+        }
+
+    return run_cell
+
+
+def test_grid_then_main_phase_runs_at_the_chosen_rate_reuses_the_grid_seed_and_resumes(tmp_path, monkeypatch):
+    profile = load_profile(DEFAULT_CONFIG, "default")
+    flags = ["--tasks", "movie", "--methods", "fish", "--keep-ratios", "0.005", "--seeds", "0,1"]
+    cells = plan(apply_flags(profile, parse_args(flags)))
+    store = ResultStore(tmp_path / "quality.json")
+    calls = []
+    monkeypatch.setattr(phases, "run_cell", _fake_run(calls, fail_rate=0.003))
+    assert len(phases.run_all(cells, store)) == 3  # one grid rate failed: both main cells wait for it
+    assert [c[2] for c in calls] == [0.0003, 0.001, 0.003]
+    calls.clear()
+    monkeypatch.setattr(phases, "run_cell", _fake_run(calls))
+    assert phases.run_all(cells, store) == []
+    assert calls == [("lr_grid", 0, 0.003), ("main", 1, 0.001)]  # seed 0 is the grid's run at 0.001, copied
+    main_records = [r for r in store.records if r["phase"] == "main"]
+    assert {(r["seed"], r["learning_rate"]) for r in main_records} == {(0, 0.001), (1, 0.001)}
+    assert all(r["lr_choice"]["chosen"] == 0.001 for r in main_records)
+    assert next(r for r in main_records if r["seed"] == 0)["reused_run"].endswith("/lr0.001/lr_grid")
+    assert phases.run_all(cells, store) == [] and len(store.records) == 5
+
+
+def test_report_prints_acceptance_lines_grid_table_and_bootstrap_intervals(tmp_path):
+    records = []
+    for ratio in (0.002, 0.005):
+        for seed in range(5):
+            noise = 0.002 * seed
+            records += [
+                _record("lora", ratio, seed, 0.70 + noise),
+                _record("fish", ratio, seed, 0.71 + noise),
+                _record("ird", ratio, seed, 0.73 + noise + (0.01 if seed % 2 else 0.0)),
+            ]
+    for lr, acc in ((0.001, 0.70), (0.003, 0.75), (0.01, 0.72)):
+        grid = _record("lora", 0.005, 0, 0.5)
+        grid.update(key=f"grid{lr}", phase="lr_grid", learning_rate=lr, validation={"accuracy": acc})
+        records.append(grid)
+    write_report(records, tmp_path)
+    md = (tmp_path / "quality.md").read_text()
+    assert "- **PASS** fish − lora, pooled over 2 task × budget cells (0.2%, 0.5%): +1.0 pp [+1.0, +1.0] (n=10)" in md
+    assert "- **PASS** ird − fish, pooled over 2 task × budget cells" in md
+    assert "| lora | 0.5% | 0.001: 70.0, **0.003: 75.0**, 0.01: 72.0 | seed 0 |" in md
+    assert "| 0.5% | ird − fish | +2.4 pp [" in md
+    assert "| lora | 70.4 ± 0.3 (n=5) | 70.4 ± 0.3 (n=5) |" in md  # grid runs never enter the accuracy table
+
+
+def test_grids_must_have_the_same_size_for_every_method():
+    exp = load_profile(DEFAULT_CONFIG, "default").experiments[0]
+    exp.settings["train"]["lr"]["lora"] = [0.001, 0.002]
+    with pytest.raises(BenchmarkError, match="same size"):
+        validate_experiment(exp)

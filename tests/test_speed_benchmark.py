@@ -1,4 +1,4 @@
-"""The speed benchmark's bookkeeping (benchmarks/speed.py): rotated interleaving, paired-ratio
+"""The speed benchmark's bookkeeping (python -m benchmarks.speed): rotated interleaving, paired-ratio
 quartiles in the report, and --only-report rebuilding tables and plot from the JSON alone."""
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "speed.py"
 COMMITTED = REPO / "benchmarks" / "results" / "speed.json"
 
 
 @pytest.fixture(scope="module")
 def speed():
-    sys.path.insert(0, str(SCRIPT.parent))
+    sys.path.insert(0, str(REPO))
     try:
-        with warnings.catch_warnings():  # the script silences warnings at import: keep that out of the session
-            import speed as module
+        with warnings.catch_warnings():  # keep any warning filter a benchmark module sets out of the session
+            from benchmarks.speed import harness as module
     finally:
-        sys.path.remove(str(SCRIPT.parent))
+        sys.path.remove(str(REPO))
     return module
 
 
@@ -41,10 +40,11 @@ def test_interleaving_rotates_which_method_runs_first(speed):
 def test_only_report_rebuilds_markdown_and_plot_from_the_json(tmp_path):
     shutil.copy(COMMITTED, tmp_path / "speed.json")
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--only-report", "--output", str(tmp_path / "speed")],
+        [sys.executable, "-m", "benchmarks.speed", "--only-report", "--output", str(tmp_path / "speed")],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stderr
     md = (tmp_path / "speed.md").read_text()
@@ -57,10 +57,11 @@ def test_only_report_rebuilds_markdown_and_plot_from_the_json(tmp_path):
 
 def test_only_report_without_results_names_the_missing_file(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--only-report", "--output", str(tmp_path / "none")],
+        [sys.executable, "-m", "benchmarks.speed", "--only-report", "--output", str(tmp_path / "none")],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
     )
     assert done.returncode == 2
     assert "none.json does not exist" in done.stderr

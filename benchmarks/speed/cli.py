@@ -1,0 +1,70 @@
+"""Command line of the speed benchmark (``python -m benchmarks.speed``; see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from benchmarks.common import atomic_write_json
+from benchmarks.speed import __doc__ as DOC
+from benchmarks.speed.report import write_markdown, write_plot
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.speed", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--fisher-samples", type=int, default=128)
+    p.add_argument("--fisher-batch", type=int, default=32)
+    p.add_argument("--repeats-fisher", type=int, default=5)
+    p.add_argument("--repeats-train", type=int, default=15)
+    p.add_argument("--repeats-strategy", type=int, default=7)
+    p.add_argument("--ird-samples", type=int, default=128)
+    p.add_argument("--ird-eval-steps", type=int, default=10)
+    p.add_argument("--skip-loop", action="store_true", help="skip the batch-size-1 Fisher loop")
+    p.add_argument("--output", default="benchmarks/results/speed", help="path prefix of the .json/.md/.png results")
+    p.add_argument(
+        "--only-report", action="store_true", help="rebuild the .md and .png from the .json; measure nothing"
+    )
+    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    out = Path(args.output)
+    if args.only_report:
+        if not out.with_suffix(".json").exists():
+            p.error(f"--only-report: {out.with_suffix('.json')} does not exist; run the benchmark first.")
+        write_report(json.loads(out.with_suffix(".json").read_text()), out)
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline model; read once, when transformers is imported below
+    warnings.simplefilter("ignore")  # transformers' and peft's notices, once per model built
+    # the measuring modules import torch and transformers: imported only now, after the two lines above
+    from benchmarks.speed.fisher import bench_fisher
+    from benchmarks.speed.harness import environment, quiet_transformers
+    from benchmarks.speed.strategies import bench_ird_and_size, bench_strategies
+    from benchmarks.speed.training import bench_training, memory_worker
+
+    quiet_transformers()
+    if args.memory_worker:
+        memory_worker(args.memory_worker, args)
+        return
+    result = {
+        "command": " ".join(["python -m benchmarks.speed", *sys.argv[1:]]),
+        "environment": environment(args.device),
+    }
+    result["fisher"] = bench_fisher(args)
+    result["training"], fishird_model = bench_training(args)
+    result["strategies"] = bench_strategies(args, fishird_model)
+    del fishird_model
+    result["ird_and_size"] = bench_ird_and_size(args)
+    atomic_write_json(out.with_suffix(".json"), result, indent=2)
+    write_report(result, out)
+
+
+def write_report(result: dict, out: Path) -> None:
+    write_markdown(result, out.with_suffix(".md"))
+    write_plot(result, out.with_suffix(".png"))

@@ -1,0 +1,89 @@
+"""Fisher section: the engine vs one plain pass, the batch-size-1 loop and torch.func vmap(grad)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from benchmarks.speed.harness import interleaved, load_model, make_batches, paired_quartiles, targets_of
+from peft_fish_ird.fisher import compute_fisher, output_logits, per_sample_losses
+from peft_fish_ird.reference import fisher_loop
+from peft_fish_ird.selection import select
+
+
+def vmap_fisher(model, batches, targets, chunk: int) -> dict[str, torch.Tensor]:
+    """torch.func per-sample gradients (vmap over grad) in chunks: the generic alternative."""
+    names = [f"{n}.{p}" for n, m in targets.items() for p in ("weight", "bias") if getattr(m, p, None) is not None]
+    params = dict(model.named_parameters())
+    chosen = {k: params[k].detach() for k in names}
+    rest = {k: v.detach() for k, v in params.items() if k not in chosen}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, ids, label):  # unpadded batches: HF's mask construction has data-dependent branches vmap rejects
+        out = functional_call(model, {**rest, **p, **buffers}, (), {"input_ids": ids[None]})
+        return per_sample_losses(output_logits(out), label[None])[0]
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    scores = {k: torch.zeros_like(v) for k, v in chosen.items()}
+    for b in batches:
+        if not bool(b["attention_mask"].all()):
+            raise ValueError("vmap_fisher needs unpadded batches")
+        for s in range(0, b["input_ids"].shape[0], chunk):
+            g = per_sample(chosen, b["input_ids"][s : s + chunk], b["labels"][s : s + chunk])
+            for k in scores:
+                scores[k] += g[k].square().sum(0)
+    return scores
+
+
+def bench_fisher(args) -> dict[str, Any]:
+    device = args.device
+    model = load_model(device).eval()
+    eager = load_model(device, eager=True).eval()
+    batches = make_batches(args.fisher_samples, args.fisher_batch, args.tokens, device, pad=False)
+    targets = targets_of(model)
+
+    def plain():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for b in batches:
+            model(**b).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    results: dict[str, Any] = {}
+    fns = {
+        "plain_pass": plain,
+        "engine": lambda: results.__setitem__("engine", compute_fisher(model, batches, targets, progress=False)),
+        "vmap_chunk8": lambda: results.__setitem__("vmap", vmap_fisher(eager, batches, targets_of(eager), 8)),
+    }
+    if not args.skip_loop:
+        fns["loop_bs1"] = lambda: results.__setitem__("loop", fisher_loop(model, batches, targets))
+    times = interleaved(fns, args.repeats_fisher, device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out: dict[str, Any] = {
+        "samples": args.fisher_samples,
+        "batch": args.fisher_batch,
+        "tokens": args.tokens,
+        "seconds_median": med,
+        "ratio_to_plain_pass": {k: v / med["plain_pass"] for k, v in med.items()},
+        "ratio_to_plain_pass_paired_quartiles": paired_quartiles(times, "plain_pass"),
+        "seconds_all": times,
+    }
+    engine = results["engine"].scores
+    k = int(0.005 * sum(p.numel() for p in model.parameters()))
+    mask_engine = select(engine, k)
+    if "loop" in results:
+        loop = results["loop"].scores
+        scale = max(float(v.abs().max()) for v in loop.values())
+        out["engine_max_rel_error_vs_loop"] = max(
+            float((engine[n].cpu() - loop[n].cpu()).abs().max()) / max(float(loop[n].abs().max()), 1e-9 * scale)
+            for n in loop
+        )
+        mask_loop = select({n: v.cpu() for n, v in loop.items()}, k)
+        out["top_0.5pct_mask_identical_to_loop"] = all(
+            torch.equal(mask_engine[n].cpu(), mask_loop[n]) for n in mask_loop
+        )
+        out["engine_speedup_vs_loop"] = med["loop_bs1"] / med["engine"]
+    return out
