@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Cost model of the values' gradient, in units of one dense-GEMM output (fitted to the real
-# MiniLM masks on this CPU; `python benchmarks/speed.py` reports how often it picks the fastest).
+# MiniLM masks on this CPU; `python -m benchmarks.speed` reports how often it picks the fastest).
 SDDMM_COST_PER_ENTRY = 3.0  # sampled_addmm: per selected entry
 SDDMM_COST_PER_LINE = 110.0  # sampled_addmm: per row of the larger dimension (a transposed copy, CSR walk)
 SUBSET_COST_FACTOR = 1.3  # a product over gathered rows/columns, plus the gather of its result
