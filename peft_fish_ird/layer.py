@@ -47,6 +47,7 @@ class FishIRDLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
+        self.layer_type = layer_type_for(base_layer)  # the registry's entry, looked up once
         self.fishird_weight_values = nn.ParameterDict({})
         self.fishird_bias_values = nn.ParameterDict({})
         self.fishird_weight_indices = BufferDict({}, persistent=True)
@@ -62,7 +63,7 @@ class FishIRDLayer(BaseTunerLayer):
     def base_param_names(self) -> tuple[str, ...]:
         """Names of the base layer's parameters that can hold entries (``weight``, maybe ``bias``)."""
         base = self.get_base_layer()
-        return tuple(layer_type_for(base).parameters_of(base))
+        return tuple(self.layer_type.parameters_of(base))
 
     def values(self, param_name: str) -> nn.ParameterDict:
         return getattr(self, f"fishird_{param_name}_values")
@@ -241,7 +242,7 @@ class FishIRDModule(nn.Module, FishIRDLayer):
         active = [a for a in active if self.num_entries(a)]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        entry = layer_type_for(self.base_layer)
+        entry = self.layer_type
         if self.use_fast_path and len(active) == 1 and self._fast_path_applies(entry):
             return entry.fast_forward(self, x, active[0])
         params = {name: self.effective_param(name, active) for name in self.base_param_names()}
