@@ -16,7 +16,7 @@ from peft.config import PeftConfig
 
 from ._version import __version__
 from .evaluation import ScorerSettings
-from .ird import IRDSettings
+from .ird import IRD_SEARCHES, IRDSearch, IRDSettings
 from .layer_types import describe_supported
 
 PREFIX = "fishird_"  # in every adapter attribute name; PEFT matches on it (device moves, loading)
@@ -149,6 +149,17 @@ class FishIRDConfig(PeftConfig):
         default=IRDSettings.shrink,
         metadata={"help": "IRD: share of the sample range and of the parameter range kept each round (0 < x < 1)."},
     )
+    ird_search: IRDSearch = field(
+        default=IRDSettings.search,
+        metadata={
+            "help": (
+                "IRD: how the search descends. 'halve' (v1): one candidate per round, both ranges halved "
+                "(~2x one FISH Fisher pass). 'branch': after FISH, each level scores the kept (higher-Fisher) part "
+                "of the sample range and the rest, and descends into the better one (~3x the Fisher passes, 2x "
+                "the scoring). Both are this project's interpretations of the paper."
+            )
+        },
+    )
     ird_rounds: Optional[int] = field(
         default=IRDSettings.rounds,
         metadata={"help": "IRD: maximum number of rounds (None: until `ird_min_samples` or the range reaches k)."},
@@ -244,6 +255,7 @@ class FishIRDConfig(PeftConfig):
             sample_order="random" if self.selection == "ird_random" else "fisher",
             budget=self.budget,
             seed=self.seed,
+            search=self.ird_search,
         )
 
     def scorer_settings(self) -> ScorerSettings:
@@ -296,6 +308,8 @@ class FishIRDConfig(PeftConfig):
             or self.ird_eval_lr <= 0
         ):
             raise ValueError(f"ird_eval_lr={self.ird_eval_lr!r} is invalid: pass a positive learning rate, e.g. 1e-3.")
+        if self.ird_search not in IRD_SEARCHES:
+            raise ValueError(f"ird_search={self.ird_search!r} is not supported: choose one of {IRD_SEARCHES}.")
         if self.ird_eval_metric not in EVAL_METRICS:
             raise ValueError(
                 f"ird_eval_metric={self.ird_eval_metric!r} is not supported: choose one of {EVAL_METRICS}."

@@ -14,10 +14,20 @@ users::
         P <- top max(k, shrink |P|) of P by F ; S <- top shrink |S| of S by s
         stop when |S| would drop below min_samples, after `rounds` rounds, or once |P| == k
 
-Round 1 is FISH on the pool. Controls: ``direction="reverse"`` keeps the lowest-Fisher halves
+That loop is ``search="halve"`` (the first interpretation, v1): one candidate per round, about
+2N per-sample gradients in all. ``search="branch"`` scores more candidates per round, as the
+paper's "each pair" suggests: after round 1 (FISH on the pool), each level splits the current
+sample range S into the kept part (top ``shrink |S|`` by s_n, as above) and the rest, runs one
+Fisher pass on each inside the shrunken parameter range, scores both candidates and descends
+into the better part. Two candidates per level at the same sample sizes: about 3N per-sample
+gradients in all (N for round 1, then |S| per level), twice the scoring. Halving only the
+parameter range with the same samples would not change the candidate (the top-k of F inside
+the top half of P by F is the top-k inside P), so there is no separate parameter-only step.
+
+Round 1 is FISH on the pool in both searches. Controls: ``direction="reverse"`` keeps the lowest-Fisher halves
 of both ranges (the paper's contrast baseline); ``sample_order="random"`` halves the sample
 range at random (separates "fewer samples" from "better samples"). The best candidate is kept
-in every variant, ties going to the earlier round. Fisher passes and the scorer are passed in,
+in every variant, ties going to the earlier candidate. Fisher passes and the scorer are passed in,
 so this file knows nothing of PEFT, models or data.
 """
 
@@ -27,7 +37,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, get_args
 
 import torch
 
@@ -35,6 +45,9 @@ from .fisher import FisherResult
 from .selection import select, shrink_range, top_k_positions
 
 logger = logging.getLogger(__name__)
+
+IRDSearch = Literal["halve", "branch"]
+IRD_SEARCHES = get_args(IRDSearch)
 
 # (sample positions in the pool, parameter range or None for all, progress-bar label) -> Fisher
 FisherPass = Callable[[list[int], Optional[dict[str, torch.Tensor]], str], FisherResult]
@@ -64,6 +77,7 @@ class IRDSettings:
     sample_order: Literal["fisher", "random"] = "fisher"
     budget: str = "global"
     seed: int = 0
+    search: IRDSearch = "halve"
 
 
 @dataclass
@@ -90,6 +104,68 @@ def schedule(num_samples: int, num_params: int, k: int, settings: IRDSettings) -
         sizes.append((s_next, max(k, int(p * settings.shrink))))
 
 
+class _Search:
+    """The step both searches share: a Fisher pass on a sample range inside a parameter range, its
+    top-k candidate, the candidate's score, the trace row, and the best candidate so far."""
+
+    def __init__(self, num_samples: int, k: int, fisher_pass: FisherPass, score: Scorer, settings: IRDSettings) -> None:
+        self.num_samples, self.k, self.fisher_pass, self.score, self.settings = (
+            num_samples,
+            k,
+            fisher_pass,
+            score,
+            settings,
+        )
+        self.passes = 0  # planned Fisher passes; 0 until the number of candidate entries is known
+        self.trace: list[IRDRound] = []
+        self.best: Optional[tuple[float, int, dict[str, torch.Tensor]]] = None
+        self.first_scores: dict[str, torch.Tensor] = {}
+        self.fisher_seconds = self.scoring_seconds = 0.0
+        self.gradients = 0
+
+    def step(self, samples: list[int], ranges: Optional[dict[str, torch.Tensor]], n_params: Optional[int]):
+        """Evaluate one (sample range, parameter range) pair; returns its Fisher result and score."""
+        start, t = time.perf_counter(), len(self.trace) + 1
+        if n_params is not None and not self.passes:
+            self.passes = planned_passes(self.num_samples, n_params, self.k, self.settings)
+        result = self.fisher_pass(samples, ranges, _round_label(t, self.passes, len(samples), n_params))
+        self.gradients += result.num_samples
+        self.fisher_seconds += result.seconds
+        if t == 1:
+            self.first_scores = result.scores
+            n_params = sum(s.numel() for s in result.scores.values())
+            self.passes = planned_passes(self.num_samples, n_params, self.k, self.settings)
+        candidate = select(result.scores, self.k, self.settings.budget, ranges)
+        value = None
+        if self.passes != 1:  # a single candidate needs no scoring
+            scored_at = time.perf_counter()
+            value = float(self.score(candidate))
+            self.scoring_seconds += time.perf_counter() - scored_at
+            if value != value:
+                raise ValueError(f"The IRD evaluator returned NaN for candidate {t}; it must return a finite float.")
+        self.trace.append(IRDRound(t, len(samples), n_params, value, round(time.perf_counter() - start, 3)))
+        logger.info("IRD candidate %d: %d samples, %d entries in range, score %s", t, len(samples), n_params, value)
+        if self.best is None or (value is not None and value > self.best[0]):
+            self.best = (value if value is not None else float("-inf"), t, candidate)
+        return result, value
+
+    def result(self) -> IRDResult:
+        best = self.best
+        return IRDResult(
+            best[2], best[1], self.trace, self.gradients, self.fisher_seconds, self.scoring_seconds, self.first_scores
+        )
+
+
+def planned_passes(num_samples: int, num_params: int, k: int, settings: IRDSettings) -> int:
+    """Fisher passes (= candidates) the search will run: one per round for ``halve``, and for
+    ``branch`` one for round 1 plus two per later level (one when the rest of a split is empty)."""
+    plan = schedule(num_samples, num_params, k, settings)
+    if settings.search == "halve":
+        return len(plan)
+    sizes = [s for s, _ in plan]
+    return 1 + sum(1 + (before > after) for before, after in zip(sizes, sizes[1:]))
+
+
 def iterative_range_decreasing(
     num_samples: int,
     k: int,
@@ -98,58 +174,40 @@ def iterative_range_decreasing(
     settings: IRDSettings,
     num_params: Optional[int] = None,
 ) -> IRDResult:
-    """Run the IRD search over a pool of ``num_samples`` samples; see the module docstring.
+    """Run the IRD search (``settings.search``) over a pool of ``num_samples`` samples; see the
+    module docstring. ``best_round`` in the result is the 1-based position of the kept candidate
+    in the trace (one row per Fisher pass; for ``halve`` that is the round).
 
     ``num_params`` (the candidate entries, if the caller knows them) lets the progress labels say
-    "round t of n" from the first round on; otherwise the plan is known after the first pass.
+    "i/n" from the first pass on; otherwise the plan is known after the first pass.
     """
+    if settings.search not in IRD_SEARCHES:
+        raise ValueError(f"IRD search={settings.search!r}: choose one of {IRD_SEARCHES}.")
+    search = _Search(num_samples, k, fisher_pass, score, settings)
     samples = list(range(num_samples))
-    ranges: Optional[dict[str, torch.Tensor]] = None
-    trace: list[IRDRound] = []
-    best: Optional[tuple[float, int, dict[str, torch.Tensor]]] = None
-    first_scores: dict[str, torch.Tensor] = {}
-    plan = None if num_params is None else schedule(num_samples, num_params, k, settings)
+    result, _ = search.step(samples, None, num_params)
+    plan = schedule(num_samples, search.trace[0].n_params_in_range, k, settings)
     lowest = settings.direction == "reverse"
     generator = torch.Generator().manual_seed(settings.seed)
-    fisher_seconds = scoring_seconds = 0.0
-    gradients = 0
-    t = 0
-    while True:
-        t += 1
-        start = time.perf_counter()
-        result = fisher_pass(samples, ranges, _round_label(t, plan, len(samples)))
-        gradients += result.num_samples
-        fisher_seconds += result.seconds
-        if plan is None:
-            plan = schedule(num_samples, sum(s.numel() for s in result.scores.values()), k, settings)
-        candidate = select(result.scores, k, settings.budget, ranges)
-        if t == 1:
-            first_scores = result.scores
-        value = None
-        if len(plan) > 1:  # a single candidate needs no scoring
-            scored_at = time.perf_counter()
-            value = float(score(candidate))
-            scoring_seconds += time.perf_counter() - scored_at
-            if value != value:
-                raise ValueError(f"The IRD evaluator returned NaN for round {t}; it must return a finite float.")
-        n_params = plan[t - 1][1]
-        trace.append(IRDRound(t, len(samples), n_params, value, round(time.perf_counter() - start, 3)))
-        logger.info("IRD round %d: %d samples, %d entries in range, score %s", t, len(samples), n_params, value)
-        if best is None or (value is not None and value > best[0]):
-            best = (value if value is not None else float("-inf"), t, candidate)
-        if t >= len(plan):
-            break
-        next_samples, next_params = plan[t]
+    ranges: Optional[dict[str, torch.Tensor]] = None
+    for next_samples, next_params in plan[1:]:
         ranges = shrink_range(result.scores, ranges, next_params, lowest=lowest)
-        samples = _shrink_samples(samples, result.sample_scores, next_samples, settings, lowest, generator)
-    return IRDResult(best[2], best[1], trace, gradients, fisher_seconds, scoring_seconds, first_scores)
+        kept = _shrink_samples(samples, result.sample_scores, next_samples, settings, lowest, generator)
+        outcome = (*search.step(kept, ranges, next_params), kept)
+        rest = sorted(set(samples) - set(kept))
+        if settings.search == "branch" and rest:
+            other = (*search.step(rest, ranges, next_params), rest)
+            if other[1] > outcome[1]:  # ties stay with the kept (higher-Fisher) part
+                outcome = other
+        result, _, samples = outcome
+    return search.result()
 
 
-def _round_label(t: int, plan: Optional[list[tuple[int, int]]], n_samples: int) -> str:
-    """Progress label of round t: ``IRD round 2/4 (512 samples, 5,678,901 entries)``."""
-    if plan is None:
-        return f"IRD round {t} ({n_samples} samples)"
-    return f"IRD round {t}/{len(plan)} ({n_samples} samples, {plan[t - 1][1]:,} entries)"
+def _round_label(t: int, passes: int, n_samples: int, n_params: Optional[int]) -> str:
+    """Progress label of pass t: ``IRD round 2/4 (512 samples, 5,678,901 entries)``."""
+    of = f"/{passes}" if passes else ""
+    entries = f", {n_params:,} entries" if n_params is not None else ""
+    return f"IRD round {t}{of} ({n_samples} samples{entries})"
 
 
 def _shrink_samples(

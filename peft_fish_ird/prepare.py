@@ -25,7 +25,7 @@ from .config import IRD_SELECTIONS, FishIRDConfig
 from .data import check_sequence_length, collate_indices, fisher_batches, move_to, require_indexable, seeded_permutation
 from .evaluation import MaskedFineTuneScorer, isolated_candidate
 from .fisher import compute_fisher
-from .ird import IRDRound, iterative_range_decreasing, schedule
+from .ird import IRDRound, iterative_range_decreasing, planned_passes, schedule
 from .layer import FishIRDLayer
 from .record import SelectionRecord, mask_fingerprint
 from .selection import random_mask, select, sparse_budget
@@ -247,7 +247,7 @@ class PrepareJob:
             )
             return self._fisher(batches, ranges, desc)
 
-        rounds = len(schedule(len(pool), candidates, k, settings))
+        rounds = planned_passes(len(pool), candidates, k, settings)
         scorer = self._scorer(pool, held_out, rounds)
         result = iterative_range_decreasing(len(pool), k, fisher_pass, scorer, settings, num_params=candidates)
         if self.evaluator is not None:

@@ -14,13 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from peft_fish_ird.config import IRD_SELECTIONS, SELECTION_TYPES
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_CONFIG = HERE / "config.json"
 RESULTS_NAME = "quality.json"
 
-FISHIRD_METHODS = ("fish", "ird", "ird_reverse", "ird_random", "random")
-IRD_METHODS = ("ird", "ird_reverse", "ird_random")
+# benchmark method -> the FishIRDConfig settings that make it: every selection of the package, plus
+# IRD's search variants under their own names (the package is the one source of the selections)
+FISHIRD_METHODS: dict[str, dict[str, str]] = {
+    **{name: {"selection": name} for name in SELECTION_TYPES},
+    "ird_branch": {"selection": "ird", "ird_search": "branch"},
+}
+IRD_METHODS = tuple(m for m, kw in FISHIRD_METHODS.items() if kw["selection"] in IRD_SELECTIONS)
 METHODS = (*FISHIRD_METHODS, "lora", "full")
 OFFLINE_TASKS = ("movie", "tweets", "rotten_tomatoes")
 # GLUE config -> (first text column, second text column or None, number of labels, evaluation split)
