@@ -35,11 +35,13 @@ FisherChoice = Literal["empirical", "expected"]
 BudgetChoice = Literal["global", "per_module"]
 SelectionChoice = Literal["fish", "ird", "ird_reverse", "ird_random", "random"]
 EvalMetricChoice = Literal["loss", "accuracy"]
+MaskInitChoice = Literal["fisher", "random", "magnitude"]
 FISHER_TYPES = get_args(FisherChoice)
 BUDGET_TYPES = get_args(BudgetChoice)
 SELECTION_TYPES = get_args(SelectionChoice)
 IRD_SELECTIONS = tuple(s for s in SELECTION_TYPES if s.startswith("ird"))
 EVAL_METRICS = get_args(EvalMetricChoice)
+MASK_INITS = get_args(MaskInitChoice)
 
 
 @dataclass
@@ -184,7 +186,30 @@ class FishIRDConfig(PeftConfig):
         metadata={"help": "IRD built-in evaluator: 'loss' (minus mean loss) or 'accuracy' on the selection split."},
     )
     seed: int = field(
-        default=0, metadata={"help": "Seed for drawing the Fisher samples; same seed and data give the same mask."}
+        default=0,
+        metadata={"help": "Seed for drawing the Fisher samples (or a random mask); same seed and data give the same mask."},
+    )
+    mask_init: MaskInitChoice = field(
+        default="fisher",
+        metadata={
+            "help": (
+                "The mask an adapter has right after `get_peft_model` / `add_adapter`. 'fisher' (default): none; "
+                "`prepare` must select it from data (training or saving before that raises UnpreparedAdapterError). "
+                "'random': k uniformly random entries (seeded by `seed`, like SHiRA). 'magnitude': the k entries of "
+                "largest |W0| (like Super-Tuning). Both are data-free, of the same size k as `prepare` would pick, "
+                "and trainable at once; a later `prepare` may replace them."
+            )
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "PEFT's convention. True: the deltas start at zero (the adapter is an identity). False: after a "
+                "data-free mask is chosen (`mask_init`), its values are drawn from N(0, 0.1^2) with torch's global "
+                "RNG - for tests only."
+            )
+        },
     )
     selection_record: Optional[dict[str, Any]] = field(
         default=None,
@@ -293,6 +318,10 @@ class FishIRDConfig(PeftConfig):
             raise ValueError(
                 f"ird_eval_metric={self.ird_eval_metric!r} is not supported: choose one of {EVAL_METRICS}."
             )
+        if self.mask_init not in MASK_INITS:
+            raise ValueError(f"mask_init={self.mask_init!r} is not supported: choose one of {MASK_INITS}.")
+        if not isinstance(self.init_weights, bool):
+            raise TypeError(f"init_weights must be True or False, got {self.init_weights!r}.")
         if not isinstance(self.head_in_budget, bool):
             raise TypeError(f"head_in_budget must be True or False, got {self.head_in_budget!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -21,6 +21,7 @@ from torch import nn
 from .config import PREFIX, FishIRDConfig
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
 from .layer_types import describe_supported
+from .mask_init import init_data_free_mask
 from .prepare import PrepareJob, fill_masks
 from .record import (
     SelectionRecord,
@@ -98,6 +99,11 @@ class FishIRDModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection, then the data-free initial mask if the config asks for one (``mask_init``)."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        init_data_free_mask(self, adapter_name)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

@@ -1,0 +1,178 @@
+"""Run PEFT's own contract tests (``tests/test_custom_models.py``) against FishIRD.
+
+Command (from the repository root)::
+
+    OMP_NUM_THREADS=1 python tests/peft_suite/run_peft_suite.py            # every FishIRD case
+    python tests/peft_suite/run_peft_suite.py --tests /path/to/peft-X.Y.Z/tests -- -x -q
+
+It takes the test folder of the *installed* PEFT version's sdist (``--tests PATH``, else
+``$FISHIRD_PEFT_TESTS``, else a cache filled by ``pip download peft==<version> --no-deps
+--no-binary :all:``), writes a patched copy of ``test_custom_models.py`` whose ``TEST_CASES`` and
+``MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`` start with the FishIRD cases below, and runs pytest on
+it with ``-k FishIRD`` (test ids hold the case name and ``FishIRDConfig``). Tests that do not
+apply to FishIRD are skipped with their reason (``SKIPS``). Extra arguments after ``--`` go to
+pytest. The exit status is pytest's.
+
+Why ``keep_ratio=0.5, head_in_budget=False``: PEFT's ``MLP`` has 262 parameters (lin0 10->20,
+lin1 20->2). FISH's default 0.005 would give int(262 * 0.005) = 1 entry, and with the head
+(``modules_to_save=["lin1"]``, 42 parameters) in the budget none would be left. 131 entries make
+training and merging change outputs measurably; keeping the head out of the budget keeps k the
+same with and without ``modules_to_save`` (case 5 keeps the head in the budget, k = 89). An
+adapter on ``lin1`` alone (42 candidates) needs ``keep_ratio <= 42/262``: 0.1 gives k = 26.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE = Path(os.environ.get("FISHIRD_PEFT_CACHE", Path.home() / ".cache" / "peft_fish_ird" / "peft_sdist"))
+PATCHED_NAME = "test_custom_models_patched.py"  # no "fishird" in node names: -k FishIRD must pick cases
+
+_BASE = {"keep_ratio": 0.5, "head_in_budget": False}
+_LIN1 = {"keep_ratio": 0.1, "head_in_budget": False}
+TEST_CASES = [
+    ("Vanilla MLP 1 FishIRD", "MLP", {**_BASE, "target_modules": "lin0", "mask_init": "random"}),
+    ("Vanilla MLP 2 FishIRD", "MLP", {**_BASE, "target_modules": ["lin0"], "mask_init": "magnitude"}),
+    ("Vanilla MLP 3 FishIRD", "MLP", {**_LIN1, "target_modules": ["lin1"], "mask_init": "random"}),
+    ("Vanilla MLP 4 FishIRD", "MLP", {**_BASE, "target_modules": ["lin0", "lin1"], "mask_init": "random", "seed": 56}),
+    (
+        "Vanilla MLP 5 FishIRD",
+        "MLP",
+        {"keep_ratio": 0.5, "target_modules": ["lin0"], "modules_to_save": ["lin1"], "mask_init": "magnitude"},
+    ),
+]
+_NOISY = {"mask_init": "random", "init_weights": False}
+MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
+    (
+        "FishIRD Same",
+        "fishird",
+        {**_BASE, **_NOISY, "target_modules": ["lin0"]},
+        {**_BASE, **_NOISY, "target_modules": ["lin0"], "seed": 1},
+    ),
+    (
+        "FishIRD Different",
+        "fishird",
+        {**_LIN1, **_NOISY, "target_modules": ["lin0"]},
+        {**_LIN1, **_NOISY, "target_modules": ["lin1"]},
+    ),
+]
+
+# test function name (or "name[id substring]") -> why it does not apply to FishIRD
+SKIPS: dict[str, str] = {}
+
+
+def _case_source() -> str:
+    rows = [f"    ({name!r}, {model!r}, FishIRDConfig, {kwargs!r})," for name, model, kwargs in TEST_CASES]
+    return "\n".join(rows) + "\n"
+
+
+def _multi_source() -> str:
+    rows = [f"    ({n!r}, {m!r}, FishIRDConfig, {a!r}, {b!r})," for n, m, a, b in MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES]
+    return "\n".join(rows) + "\n"
+
+
+def patch_source(source: str) -> str:
+    """``test_custom_models.py`` with peft_fish_ird imported first and the FishIRD cases prepended."""
+    out = "import peft_fish_ird  # noqa: F401  (registers FISH_IRD before PEFT's tests import)\n"
+    out += "from peft_fish_ird import FishIRDConfig\n"
+    for marker, rows in (("\nTEST_CASES = [\n", _case_source()), ("\nMULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [\n", _multi_source())):
+        if source.count(marker) != 1:
+            raise RuntimeError(f"PEFT's test_custom_models.py no longer has one {marker.strip()!r}: update the runner.")
+        source = source.replace(marker, marker + rows)
+    return out + source
+
+
+def _conftest_source() -> str:
+    return (
+        "import importlib.util\nimport sys\nimport types\n\nimport pytest\n\n"
+        "if importlib.util.find_spec('diffusers') is None:  # testing_common imports it for Stable Diffusion tests only\n"
+        "    sys.modules['diffusers'] = types.SimpleNamespace(StableDiffusionPipeline=None)\n\n"
+        f"SKIPS = {SKIPS!r}\n\n\n"
+        "def pytest_collection_modifyitems(config, items):\n"
+        "    for item in items:\n"
+        "        name = item.originalname or item.name\n"
+        "        for key, reason in SKIPS.items():\n"
+        "            func, _, part = key.partition('[')\n"
+        "            if func == name and part.rstrip(']') in item.name:\n"
+        "                item.add_marker(pytest.mark.skip(reason=reason))\n"
+    )
+
+
+def installed_peft_version() -> str:
+    from importlib.metadata import version
+
+    return version("peft")
+
+
+def find_tests(tests: Optional[str], cache: Path, download: bool = True) -> Optional[Path]:
+    """The sdist's ``tests`` folder: the given one, ``$FISHIRD_PEFT_TESTS``, the cache, or a fresh download."""
+    given = tests or os.environ.get("FISHIRD_PEFT_TESTS")
+    if given:
+        path = Path(given)
+        return path if (path / "test_custom_models.py").exists() else None
+    ver = installed_peft_version()
+    unpacked = cache / f"peft-{ver}" / "tests"
+    if (unpacked / "test_custom_models.py").exists():
+        return unpacked
+    if not download:
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", f"peft=={ver}", "--no-deps", "--no-binary", ":all:", "-d", str(cache)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    archive = cache / f"peft-{ver}.tar.gz"
+    if done.returncode != 0 or not archive.exists():
+        return None
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, filter="data")
+    return unpacked if (unpacked / "test_custom_models.py").exists() else None
+
+
+def write_suite(tests: Path, work: Path) -> Path:
+    """Copy PEFT's tests into ``work/tests`` with the patched module, a package marker and the skips."""
+    target = work / "tests"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(tests, target, ignore=shutil.ignore_patterns("__pycache__"))
+    (target / "__init__.py").touch()
+    (target / PATCHED_NAME).write_text(patch_source((tests / "test_custom_models.py").read_text()))
+    (target / "conftest.py").write_text(_conftest_source())
+    return target / PATCHED_NAME
+
+
+def run(tests: Path, pytest_args: list[str], work: Optional[Path] = None, timeout: Optional[float] = None) -> int:
+    """Write the patched suite and run pytest on its FishIRD cases; returns pytest's exit status."""
+    with tempfile.TemporaryDirectory(prefix="peft_contract_") as tmp:
+        work = work or Path(tmp)
+        module = write_suite(tests, work)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        cmd = [sys.executable, "-m", "pytest", str(module), "-p", "no:cacheprovider", "-o", "addopts="]
+        cmd += ["--rootdir", str(work), "-c", os.devnull, "-k", "FishIRD", *pytest_args]
+        return subprocess.run(cmd, cwd=work, env=env, timeout=timeout).returncode
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tests", help="PEFT sdist tests folder (default: $FISHIRD_PEFT_TESTS or the cache)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the downloaded sdist is kept")
+    parser.add_argument("--work", help="keep the patched suite in this folder (default: a temporary one)")
+    parser.add_argument("pytest_args", nargs="*", help="passed to pytest (put them after --)")
+    args = parser.parse_args(argv)
+    tests = find_tests(args.tests, Path(args.cache))
+    if tests is None:
+        print("PEFT's sdist tests could not be found or downloaded; pass --tests PATH.", file=sys.stderr)
+        return 2
+    return run(tests, args.pytest_args, Path(args.work) if args.work else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
