@@ -100,10 +100,21 @@ class FishIRDModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """PEFT's injection, then the data-free initial mask if the config asks for one (``mask_init``)."""
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        init_data_free_mask(self, adapter_name)
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """PEFT's injection, then the data-free initial mask if the config asks for one (``mask_init``).
+
+        ``low_cpu_mem_usage`` (PEFT loading a checkpoint next): the adapter stays on the meta device
+        and the checkpoint's mask is loaded into it."""
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        if not low_cpu_mem_usage:
+            init_data_free_mask(self, adapter_name)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

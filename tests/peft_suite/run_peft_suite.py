@@ -84,11 +84,32 @@ def patch_source(source: str) -> str:
     """``test_custom_models.py`` with peft_fish_ird imported first and the FishIRD cases prepended."""
     out = "import peft_fish_ird  # noqa: F401  (registers FISH_IRD before PEFT's tests import)\n"
     out += "from peft_fish_ird import FishIRDConfig\n"
+    out += "from .fishird_cases import FishIRDDataFreeConfig\n"
     for marker, rows in (("\nTEST_CASES = [\n", _case_source()), ("\nMULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [\n", _multi_source())):
         if source.count(marker) != 1:
             raise RuntimeError(f"PEFT's test_custom_models.py no longer has one {marker.strip()!r}: update the runner.")
         source = source.replace(marker, marker + rows)
-    return out + source
+    marker = "\nALL_PEFT_CONFIG_CLASSES = sorted("
+    start = source.index(marker) + 1
+    end = source.index("\n", start)
+    swap = "ALL_PEFT_CONFIG_CLASSES = [FishIRDDataFreeConfig if c is FishIRDConfig else c for c in ALL_PEFT_CONFIG_CLASSES]"
+    return out + source[:end] + "\n" + swap + source[end:]
+
+
+# Tests parametrised by config class alone build it from its defaults; FishIRD's default mask
+# ("fisher") needs data, so they get the data-free mask instead (and the head outside the budget:
+# their DeepMLP head is larger than 0.5% of the model).
+CASES_MODULE = '''"""FishIRDConfig with a data-free initial mask by default, for PEFT's tests that use class defaults."""
+from dataclasses import dataclass
+
+from peft_fish_ird import FishIRDConfig
+
+
+@dataclass
+class FishIRDDataFreeConfig(FishIRDConfig):
+    mask_init: str = "random"
+    head_in_budget: bool = False
+'''
 
 
 def _conftest_source() -> str:
@@ -145,6 +166,7 @@ def write_suite(tests: Path, work: Path) -> Path:
     (target / "__init__.py").touch()
     (target / PATCHED_NAME).write_text(patch_source((tests / "test_custom_models.py").read_text()))
     (target / "conftest.py").write_text(_conftest_source())
+    (target / "fishird_cases.py").write_text(CASES_MODULE)
     return target / PATCHED_NAME
 
 
