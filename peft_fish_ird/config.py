@@ -187,7 +187,9 @@ class FishIRDConfig(PeftConfig):
     )
     seed: int = field(
         default=0,
-        metadata={"help": "Seed for drawing the Fisher samples (or a random mask); same seed and data give the same mask."},
+        metadata={
+            "help": "Seed for drawing the Fisher samples (or a random mask); same seed and data give the same mask."
+        },
     )
     mask_init: MaskInitChoice = field(
         default="fisher",

@@ -18,6 +18,7 @@ are drawn from ``N(0, 0.1^2)`` (torch's global RNG), else they start at zero.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from typing import Any
 
@@ -67,6 +68,7 @@ def init_data_free_mask(tuner: Any, adapter: str) -> None:
     fill_masks(adapter, layers, selected.masks)
     if not config.init_weights:
         _draw_values(adapter, layers)
+    tuner.__dict__.setdefault("_fishird_initial_values", {})[adapter] = _values_fingerprint(adapter, layers)
     record = job.record(selected, total, head, k, time.perf_counter() - start)
     record = dataclasses.replace(
         record,
@@ -76,6 +78,25 @@ def init_data_free_mask(tuner: Any, adapter: str) -> None:
         settings={"mask_init": config.mask_init, "init_weights": config.init_weights},
     )
     config.selection_record = record.to_dict()
+
+
+def values_trained(tuner: Any, adapter: str, layers: dict[str, FishIRDLayer]) -> bool:
+    """Whether ``adapter``'s values moved: some are non-zero, and they are not the draw that
+    ``init_weights=False`` made at injection (a fresh data-free adapter may be re-selected freely)."""
+    if not any(
+        bool(layer.values(p)[adapter].detach().any()) for layer in layers.values() for p in layer.base_param_names()
+    ):
+        return False
+    initial = tuner.__dict__.get("_fishird_initial_values", {}).get(adapter)
+    return initial is None or initial != _values_fingerprint(adapter, layers)
+
+
+def _values_fingerprint(adapter: str, layers: dict[str, FishIRDLayer]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(layers):
+        for p in layers[name].base_param_names():
+            digest.update(layers[name].values(p)[adapter].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _draw_values(adapter: str, layers: dict[str, FishIRDLayer]) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from .config import PREFIX, FishIRDConfig
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
 from .layer_types import describe_supported
-from .mask_init import init_data_free_mask
+from .mask_init import init_data_free_mask, values_trained
 from .prepare import PrepareJob, fill_masks
 from .record import (
     SelectionRecord,
@@ -253,10 +253,7 @@ class FishIRDModel(BaseTuner):
             )
         if any(layer.merged for layer in layers.values()):
             raise RuntimeError("Cannot prepare while adapters are merged: call `unmerge_adapter()` first.")
-        trained = any(
-            bool(layer.values(p)[adapter].detach().any()) for layer in layers.values() for p in layer.base_param_names()
-        )
-        if trained and not overwrite:
+        if values_trained(self, adapter, layers) and not overwrite:
             raise RuntimeError(
                 f"Adapter {adapter!r} already has trained values; `prepare` would discard them. Pass "
                 "overwrite=True to select a new mask anyway, or add a new adapter with `add_adapter`."

@@ -24,6 +24,7 @@ adapter on ``lin1`` alone (42 candidates) needs ``keep_ratio <= 42/262``: 0.1 gi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -33,7 +34,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 DEFAULT_CACHE = Path(os.environ.get("FISHIRD_PEFT_CACHE", Path.home() / ".cache" / "peft_fish_ird" / "peft_sdist"))
 PATCHED_NAME = "test_custom_models_patched.py"  # no "fishird" in node names: -k FishIRD must pick cases
 
@@ -85,47 +87,20 @@ def patch_source(source: str) -> str:
     out = "import peft_fish_ird  # noqa: F401  (registers FISH_IRD before PEFT's tests import)\n"
     out += "from peft_fish_ird import FishIRDConfig\n"
     out += "from .fishird_cases import FishIRDDataFreeConfig\n"
-    for marker, rows in (("\nTEST_CASES = [\n", _case_source()), ("\nMULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [\n", _multi_source())):
+    for marker, rows in (
+        ("\nTEST_CASES = [\n", _case_source()),
+        ("\nMULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [\n", _multi_source()),
+    ):
         if source.count(marker) != 1:
             raise RuntimeError(f"PEFT's test_custom_models.py no longer has one {marker.strip()!r}: update the runner.")
         source = source.replace(marker, marker + rows)
     marker = "\nALL_PEFT_CONFIG_CLASSES = sorted("
     start = source.index(marker) + 1
     end = source.index("\n", start)
-    swap = "ALL_PEFT_CONFIG_CLASSES = [FishIRDDataFreeConfig if c is FishIRDConfig else c for c in ALL_PEFT_CONFIG_CLASSES]"
+    # tests parametrised by config class alone build it from its defaults: see fishird_cases.py
+    swap = "ALL_PEFT_CONFIG_CLASSES = [FishIRDDataFreeConfig if c is FishIRDConfig else c"
+    swap += " for c in ALL_PEFT_CONFIG_CLASSES]"
     return out + source[:end] + "\n" + swap + source[end:]
-
-
-# Tests parametrised by config class alone build it from its defaults; FishIRD's default mask
-# ("fisher") needs data, so they get the data-free mask instead (and the head outside the budget:
-# their DeepMLP head is larger than 0.5% of the model).
-CASES_MODULE = '''"""FishIRDConfig with a data-free initial mask by default, for PEFT's tests that use class defaults."""
-from dataclasses import dataclass
-
-from peft_fish_ird import FishIRDConfig
-
-
-@dataclass
-class FishIRDDataFreeConfig(FishIRDConfig):
-    mask_init: str = "random"
-    head_in_budget: bool = False
-'''
-
-
-def _conftest_source() -> str:
-    return (
-        "import importlib.util\nimport sys\nimport types\n\nimport pytest\n\n"
-        "if importlib.util.find_spec('diffusers') is None:  # testing_common imports it for Stable Diffusion tests only\n"
-        "    sys.modules['diffusers'] = types.SimpleNamespace(StableDiffusionPipeline=None)\n\n"
-        f"SKIPS = {SKIPS!r}\n\n\n"
-        "def pytest_collection_modifyitems(config, items):\n"
-        "    for item in items:\n"
-        "        name = item.originalname or item.name\n"
-        "        for key, reason in SKIPS.items():\n"
-        "            func, _, part = key.partition('[')\n"
-        "            if func == name and part.rstrip(']') in item.name:\n"
-        "                item.add_marker(pytest.mark.skip(reason=reason))\n"
-    )
 
 
 def installed_peft_version() -> str:
@@ -134,8 +109,10 @@ def installed_peft_version() -> str:
     return version("peft")
 
 
-def find_tests(tests: Optional[str], cache: Path, download: bool = True) -> Optional[Path]:
-    """The sdist's ``tests`` folder: the given one, ``$FISHIRD_PEFT_TESTS``, the cache, or a fresh download."""
+def find_tests(tests: Optional[str], cache: Path, download: bool = True, pip_timeout: float = 300) -> Optional[Path]:
+    """The sdist's ``tests`` folder: the given one, ``$FISHIRD_PEFT_TESTS``, the cache, or a fresh download.
+
+    None when none of them has ``test_custom_models.py`` (e.g. offline with an empty cache)."""
     given = tests or os.environ.get("FISHIRD_PEFT_TESTS")
     if given:
         path = Path(given)
@@ -147,13 +124,17 @@ def find_tests(tests: Optional[str], cache: Path, download: bool = True) -> Opti
     if not download:
         return None
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", f"peft=={ver}", "--no-deps", "--no-binary", ":all:", "-d", str(cache)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "pip", "download", f"peft=={ver}", "--no-deps", "--no-binary", ":all:"]
+    cmd += ["--retries", "1", "--timeout", "15", "-d", str(cache)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=pip_timeout)
+    except subprocess.TimeoutExpired:
+        return None
     archive = cache / f"peft-{ver}.tar.gz"
     if done.returncode != 0 or not archive.exists():
         return None
     with tarfile.open(archive) as tar:
-        tar.extractall(cache, filter="data")
+        tar.extractall(cache, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return unpacked if (unpacked / "test_custom_models.py").exists() else None
 
 
@@ -165,20 +146,27 @@ def write_suite(tests: Path, work: Path) -> Path:
     shutil.copytree(tests, target, ignore=shutil.ignore_patterns("__pycache__"))
     (target / "__init__.py").touch()
     (target / PATCHED_NAME).write_text(patch_source((tests / "test_custom_models.py").read_text()))
-    (target / "conftest.py").write_text(_conftest_source())
-    (target / "fishird_cases.py").write_text(CASES_MODULE)
+    shutil.copy(HERE / "suite_conftest.py", target / "conftest.py")
+    shutil.copy(HERE / "fishird_cases.py", target / "fishird_cases.py")
+    (target / "fishird_skips.json").write_text(json.dumps(SKIPS, indent=1))
     return target / PATCHED_NAME
 
 
-def run(tests: Path, pytest_args: list[str], work: Optional[Path] = None, timeout: Optional[float] = None) -> int:
-    """Write the patched suite and run pytest on its FishIRD cases; returns pytest's exit status."""
+def run(
+    tests: Path,
+    pytest_args: list[str],
+    work: Optional[Path] = None,
+    timeout: Optional[float] = None,
+    keyword: str = "FishIRD",
+) -> int:
+    """Write the patched suite and run pytest on the tests matching ``keyword`` (``-k``); returns pytest's status."""
     with tempfile.TemporaryDirectory(prefix="peft_contract_") as tmp:
         work = work or Path(tmp)
         module = write_suite(tests, work)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         env.setdefault("HF_HUB_OFFLINE", "1")
         cmd = [sys.executable, "-m", "pytest", str(module), "-p", "no:cacheprovider", "-o", "addopts="]
-        cmd += ["--rootdir", str(work), "-c", os.devnull, "-k", "FishIRD", *pytest_args]
+        cmd += ["--rootdir", str(work), "-c", os.devnull, "-k", keyword, *pytest_args]
         return subprocess.run(cmd, cwd=work, env=env, timeout=timeout).returncode
 
 
