@@ -152,3 +152,11 @@ def test_values_dtype_follows_peft_autocast_convention(autocast):
 def test_config_rejects_bad_mask_init_and_init_weights(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         config(**kwargs)
+
+
+def test_callback_with_data_replaces_the_data_free_mask():
+    from peft_fish_ird import FishIRDCallback
+
+    model = get_peft_model(MLP(), config(mask_init="magnitude", selection="random"))
+    FishIRDCallback(train_dataset=[{"x": 0}], progress=False).on_init_end(None, None, None, model=model)
+    assert model.selection.method == "random"
