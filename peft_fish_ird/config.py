@@ -52,6 +52,8 @@ class FishIRDConfig(PeftConfig):
     is decided by :meth:`FishIRDModel.prepare` from the diagonal Fisher information
     (``F_j = sum_n g_nj^2`` over ``num_samples`` training samples), keeping the top
     ``keep_ratio`` share of all parameters. The task head (``modules_to_save``) is trained densely.
+    ``mask_init="random"`` / ``"magnitude"`` instead gives the adapter a data-free mask of the same size
+    at ``get_peft_model`` time (trainable at once; ``prepare`` may still replace it).
 
     Example::
 

@@ -80,12 +80,8 @@ class FishIRDLayer(BaseTunerLayer):
         """Add ``adapter_name`` with no entries yet (``prepare`` or a checkpoint fills them)."""
         base = self.get_base_layer()
         for name in self.base_param_names():
-            param = getattr(base, name)
-            # the base dtype, as PEFT's layers do: PEFT then upcasts float16/bfloat16 adapters to float32
-            # (``autocast_adapter_dtype=True``, get_peft_model's default); ``set_entries`` keeps the dtype
-            dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-            device = param.device
-            self.values(name)[adapter_name] = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
+            device = getattr(base, name).device
+            self.values(name)[adapter_name] = nn.Parameter(torch.zeros(0, dtype=torch.float32, device=device))
             self.indices(name)[adapter_name] = torch.zeros(0, dtype=torch.int64, device=device)
         self.fishird_prepared[adapter_name] = False
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -118,11 +114,19 @@ class FishIRDLayer(BaseTunerLayer):
                 if values.numel() == 0:
                     values.requires_grad_(False)
 
+    def use_base_dtype(self, adapter_name: str) -> None:
+        """Hold ``adapter_name``'s values in the base parameters' dtype instead of float32 (PEFT's
+        ``autocast_adapter_dtype=False``); later ``set_entries`` calls keep that dtype."""
+        for name in self.base_param_names():
+            dtype, old = getattr(self.get_base_layer(), name).dtype, self.values(name)[adapter_name]
+            if dtype.is_floating_point and old.dtype != dtype:
+                self.values(name)[adapter_name] = nn.Parameter(old.detach().to(dtype), requires_grad=old.requires_grad)
+
     def set_entries(self, adapter_name: str, param_name: str, indices: torch.Tensor) -> None:
         """Give ``adapter_name`` the entries ``indices`` (into the flattened parameter) with zero deltas.
 
-        Creates a new values Parameter (of the adapter's values dtype), so an optimizer built before
-        this call does not see it.
+        Creates a new values Parameter (float32, or the dtype ``use_base_dtype`` chose), so an
+        optimizer built before this call does not see it.
         """
         base_param = getattr(self.get_base_layer(), param_name)
         indices = _checked_indices(indices, base_param.numel(), f"{param_name} of {type(self.get_base_layer())}")

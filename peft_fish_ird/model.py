@@ -116,6 +116,14 @@ class FishIRDModel(BaseTuner):
         if not low_cpu_mem_usage:
             init_data_free_mask(self, adapter_name)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Values are float32 (as PEFT's ``autocast_adapter_dtype=True`` would make them); with False
+        they take the base weights' dtype, as PEFT's other methods' adapters do."""
+        if not autocast_adapter_dtype:
+            for layer in self.fishird_layers(adapter_name).values():
+                layer.use_base_dtype(adapter_name)
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         layers_ready = all(
