@@ -30,3 +30,19 @@ def test_peft_contract_subset_passes(tmp_path):
         pytest.skip("PEFT's sdist tests are not cached: run `python tests/peft_suite/run_peft_suite.py` once.")
     status = runner.run(tests, ["-q", "-W", "ignore"], work=tmp_path, timeout=300, keyword=SUBSET)
     assert status == 0, f"PEFT's contract tests failed on FishIRD (pytest status {status}); see the output above."
+
+
+def test_patch_prepends_fishird_cases_and_refuses_an_unknown_layout():
+    runner = _runner()
+    source = (
+        "import torch\nTEST_CASES = [\n    ('LoRA', 'MLP', LoraConfig, {}),\n]\n"
+        "ALL_PEFT_CONFIG_CLASSES = sorted({row[2] for row in TEST_CASES})\n"
+        "MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [\n]\n"
+    )
+    patched = runner.patch_source(source)
+    assert patched.startswith("import peft_fish_ird")
+    assert patched.index("Vanilla MLP 1 FishIRD") < patched.index("'LoRA'")
+    assert "'FishIRD Same', 'fishird', FishIRDConfig" in patched
+    assert "FishIRDDataFreeConfig if c is FishIRDConfig" in patched
+    with pytest.raises(RuntimeError, match="update the runner"):
+        runner.patch_source(source.replace("TEST_CASES = [", "CASES = ["))
