@@ -35,11 +35,13 @@ FisherChoice = Literal["empirical", "expected"]
 BudgetChoice = Literal["global", "per_module"]
 SelectionChoice = Literal["fish", "ird", "ird_reverse", "ird_random", "random"]
 EvalMetricChoice = Literal["loss", "accuracy"]
+MaskInitChoice = Literal["fisher", "random", "magnitude"]
 FISHER_TYPES = get_args(FisherChoice)
 BUDGET_TYPES = get_args(BudgetChoice)
 SELECTION_TYPES = get_args(SelectionChoice)
 IRD_SELECTIONS = tuple(s for s in SELECTION_TYPES if s.startswith("ird"))
 EVAL_METRICS = get_args(EvalMetricChoice)
+MASK_INITS = get_args(MaskInitChoice)
 
 
 @dataclass
@@ -50,6 +52,8 @@ class FishIRDConfig(PeftConfig):
     is decided by :meth:`FishIRDModel.prepare` from the diagonal Fisher information
     (``F_j = sum_n g_nj^2`` over ``num_samples`` training samples), keeping the top
     ``keep_ratio`` share of all parameters. The task head (``modules_to_save``) is trained densely.
+    ``mask_init="random"`` / ``"magnitude"`` instead gives the adapter a data-free mask of the same size
+    at ``get_peft_model`` time (trainable at once; ``prepare`` may still replace it).
 
     Example::
 
@@ -204,6 +208,28 @@ class FishIRDConfig(PeftConfig):
             )
         },
     )
+    mask_init: MaskInitChoice = field(
+        default="fisher",
+        metadata={
+            "help": (
+                "The mask an adapter has right after `get_peft_model` / `add_adapter`. 'fisher' (default): none; "
+                "`prepare` must select it from data (training or saving before that raises UnpreparedAdapterError). "
+                "'random': k uniformly random entries (seeded by `seed`, like SHiRA). 'magnitude': the k entries of "
+                "largest |W0| (like Super-Tuning). Both are data-free, of the same size k as `prepare` would pick, "
+                "and trainable at once; a later `prepare` may replace them."
+            )
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "PEFT's convention. True: the deltas start at zero (the adapter is an identity). False: after a "
+                "data-free mask is chosen (`mask_init`), its values are drawn from N(0, 0.1^2) with torch's global "
+                "RNG - for tests only."
+            )
+        },
+    )
     selection_record: Optional[dict[str, Any]] = field(
         default=None,
         metadata={
@@ -286,12 +312,20 @@ class FishIRDConfig(PeftConfig):
             or (self.fisher_batch_size < 1)
         ):
             raise ValueError(f"fisher_batch_size={self.fisher_batch_size!r} is invalid: pass a positive int, e.g. 16.")
-        if self.fisher not in FISHER_TYPES:
-            raise ValueError(f"fisher={self.fisher!r} is not supported: choose one of {FISHER_TYPES}.")
-        if self.budget not in BUDGET_TYPES:
-            raise ValueError(f"budget={self.budget!r} is not supported: choose one of {BUDGET_TYPES}.")
-        if self.selection not in SELECTION_TYPES:
-            raise ValueError(f"selection={self.selection!r} is not supported: choose one of {SELECTION_TYPES}.")
+        choices = {
+            "fisher": FISHER_TYPES,
+            "budget": BUDGET_TYPES,
+            "selection": SELECTION_TYPES,
+            "ird_search": IRD_SEARCHES,
+            "ird_eval_metric": EVAL_METRICS,
+            "mask_init": MASK_INITS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported: choose one of {allowed}.")
+        for name in ("init_weights", "head_in_budget"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         _check_fraction("ird_shrink", self.ird_shrink, "e.g. 0.5 to halve the ranges each round")
         _check_fraction("ird_selection_fraction", self.ird_selection_fraction, "e.g. 0.1")
         for name in ("ird_min_samples", "ird_eval_steps", "ird_eval_batch_size"):
@@ -308,14 +342,6 @@ class FishIRDConfig(PeftConfig):
             or self.ird_eval_lr <= 0
         ):
             raise ValueError(f"ird_eval_lr={self.ird_eval_lr!r} is invalid: pass a positive learning rate, e.g. 1e-3.")
-        if self.ird_search not in IRD_SEARCHES:
-            raise ValueError(f"ird_search={self.ird_search!r} is not supported: choose one of {IRD_SEARCHES}.")
-        if self.ird_eval_metric not in EVAL_METRICS:
-            raise ValueError(
-                f"ird_eval_metric={self.ird_eval_metric!r} is not supported: choose one of {EVAL_METRICS}."
-            )
-        if not isinstance(self.head_in_budget, bool):
-            raise TypeError(f"head_in_budget must be True or False, got {self.head_in_budget!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}.")
         if self.target_parameters:

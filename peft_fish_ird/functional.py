@@ -19,6 +19,7 @@ from . import distributed
 from .adapter_state import count_parameters_of, fishird_layers_of, head_wrappers_of
 from .config import FishIRDConfig
 from .layer import FishIRDLayer
+from .mask_init import values_trained
 from .prepare import PrepareJob, fill_masks
 from .record import SelectionRecord
 
@@ -43,7 +44,7 @@ def prepare_adapter(
     ``peft_config``, ``fishird_layers``, ``head_wrappers`` and ``count_parameters``.
     """
     layers = tuner.fishird_layers(adapter)
-    check_can_prepare(tuner.peft_config[adapter], adapter, layers, overwrite)
+    check_can_prepare(tuner, adapter, layers, overwrite)
     job = PrepareJob(
         tuner,
         adapter,
@@ -61,11 +62,11 @@ def prepare_adapter(
     return outcome.record
 
 
-def check_can_prepare(config: FishIRDConfig, adapter: str, layers: dict[str, FishIRDLayer], overwrite: bool) -> None:
+def check_can_prepare(tuner: Any, adapter: str, layers: dict[str, FishIRDLayer], overwrite: bool) -> None:
     """Refuse what ``prepare`` cannot do safely: no targets, merged layers, trained values."""
     if not layers:
         raise ValueError(f"Adapter {adapter!r} targets no module; check `target_modules`.")
-    if config.selection_record is not None:
+    if tuner.peft_config[adapter].selection_record is not None:
         logger.warning(
             "prepare() replaces adapter %r's existing mask: its values tensors are new objects, so an optimizer "
             "built before this call is stale - build it (or the Trainer's) again.",
@@ -73,10 +74,7 @@ def check_can_prepare(config: FishIRDConfig, adapter: str, layers: dict[str, Fis
         )
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError("Cannot prepare while adapters are merged: call `unmerge_adapter()` first.")
-    trained = any(
-        bool(layer.values(p)[adapter].detach().any()) for layer in layers.values() for p in layer.base_param_names()
-    )
-    if trained and not overwrite:
+    if values_trained(tuner, adapter, layers) and not overwrite:
         raise RuntimeError(
             f"Adapter {adapter!r} already has trained values; `prepare` would discard them. Pass "
             "overwrite=True to select a new mask anyway, or add a new adapter with `add_adapter`."

@@ -27,7 +27,8 @@ class FishIRDCallback(TrainerCallback):
     """Prepare a FishIRD adapter inside an HF Trainer pipeline and verify the optimizer covers it.
 
     Args:
-        train_dataset: data for ``prepare``; None to only check (the model was prepared already).
+        train_dataset: data for ``prepare`` (run when the adapter has no mask, or only its data-free initial
+            one from ``mask_init``); None to only check (the model was prepared already).
         data_collator: collator for ``prepare``.
         **prepare_kwargs: passed to ``prepare`` (``selection_dataset``, ``evaluator``, ...).
     """
@@ -46,7 +47,8 @@ class FishIRDCallback(TrainerCallback):
         if self.train_dataset is None or model is None:
             return control
         tuner = _fishird_tuner(model)
-        if tuner.selection is None:
+        # no mask yet, or only the data-free initial one (``mask_init``): select from the data given
+        if tuner.selection is None or tuner.selection.fisher == "none":
             tuner.prepare(self.train_dataset, data_collator=self.data_collator, **self.prepare_kwargs)
         return control
 

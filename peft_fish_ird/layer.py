@@ -8,7 +8,9 @@ overwritten entries bit for bit from a backup taken at merge time.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
@@ -58,6 +60,7 @@ class FishIRDLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
+        self.in_features, self.out_features = in_out_features(base_layer)
 
     # ----------------------------------------------------------------- structure
     def base_param_names(self) -> tuple[str, ...]:
@@ -112,16 +115,27 @@ class FishIRDLayer(BaseTunerLayer):
                 if values.numel() == 0:
                     values.requires_grad_(False)
 
+    def use_base_dtype(self, adapter_name: str) -> None:
+        """Hold ``adapter_name``'s values in the base parameters' dtype instead of float32 (PEFT's
+        ``autocast_adapter_dtype=False``); later ``set_entries`` calls keep that dtype."""
+        for name in self.base_param_names():
+            dtype, old = getattr(self.get_base_layer(), name).dtype, self.values(name)[adapter_name]
+            if dtype.is_floating_point and old.dtype != dtype:
+                self.values(name)[adapter_name] = nn.Parameter(old.detach().to(dtype), requires_grad=old.requires_grad)
+
     def set_entries(self, adapter_name: str, param_name: str, indices: torch.Tensor) -> None:
         """Give ``adapter_name`` the entries ``indices`` (into the flattened parameter) with zero deltas.
 
-        Creates a new values Parameter, so an optimizer built before this call does not see it.
+        Creates a new values Parameter (float32, or the dtype ``use_base_dtype`` chose), so an
+        optimizer built before this call does not see it.
         """
         base_param = getattr(self.get_base_layer(), param_name)
         indices = _checked_indices(indices, base_param.numel(), f"{param_name} of {type(self.get_base_layer())}")
         self.indices(param_name)[adapter_name] = indices.to(base_param.device)
+        previous = self.values(param_name).get(adapter_name)
+        dtype = torch.float32 if previous is None else previous.dtype
         self.values(param_name)[adapter_name] = nn.Parameter(
-            torch.zeros(indices.numel(), dtype=torch.float32, device=base_param.device),
+            torch.zeros(indices.numel(), dtype=dtype, device=base_param.device),
             requires_grad=self._trainable_intent.get(adapter_name, False) and indices.numel() > 0,
         )
 
@@ -246,7 +260,8 @@ class FishIRDModule(nn.Module, FishIRDLayer):
         if self.use_fast_path and len(active) == 1 and self._fast_path_applies(entry):
             return entry.fast_forward(self, x, active[0])
         params = {name: self.effective_param(name, active) for name in self.base_param_names()}
-        return functional_call(self.base_layer, params, (x, *args), kwargs)
+        with _shadowing_views_replaced(self.base_layer, params):
+            return functional_call(self.base_layer, params, (x, *args), kwargs)
 
     def _fast_path_applies(self, entry: Any) -> bool:
         """The type's fast forward covers this call: it has one, and the base weights are frozen."""
@@ -265,6 +280,36 @@ class FishIRDModule(nn.Module, FishIRDLayer):
 
     def __repr__(self) -> str:
         return "fishird." + super().__repr__()
+
+
+@contextlib.contextmanager
+def _shadowing_views_replaced(module: nn.Module, params: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Also replace plain tensors in ``module.__dict__`` that shadow the parameters ``functional_call`` swaps.
+
+    FSDP (``use_orig_params=True``) puts its unsharded views there during forward; ``self.weight``
+    finds them before the registered parameters, so without this the deltas would be ignored.
+    """
+    saved = {name: module.__dict__[name] for name in params if name in module.__dict__}
+    try:
+        module.__dict__.update({name: params[name] for name in saved})
+        yield
+    finally:
+        module.__dict__.update(saved)
+
+
+def in_out_features(base: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    """PEFT's ``in_features`` / ``out_features`` of a base layer (Embedding: vocabulary, dimension;
+    GPT-2 Conv1D: its (in x out) weight's shape; a norm: its size twice)."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None, None
+    if weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])
+    return int(weight.shape[-1]), int(weight.shape[-1])
 
 
 def _resize_pre_hook(module: FishIRDModule, state_dict: dict, prefix: str, *args: Any) -> None:

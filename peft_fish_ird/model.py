@@ -23,6 +23,7 @@ from .config import PREFIX, FishIRDConfig
 from .functional import prepare_adapter
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
 from .layer_types import describe_supported
+from .mask_init import init_data_free_mask
 from .record import (
     SelectionRecord,
     check_record_shapes,
@@ -100,6 +101,30 @@ class FishIRDModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """PEFT's injection, then the data-free initial mask if the config asks for one (``mask_init``).
+
+        ``low_cpu_mem_usage`` (PEFT loading a checkpoint next): the adapter stays on the meta device
+        and the checkpoint's mask is loaded into it."""
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        if not low_cpu_mem_usage:
+            init_data_free_mask(self, adapter_name)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Values are float32 (as PEFT's ``autocast_adapter_dtype=True`` would make them); with False
+        they take the base weights' dtype, as PEFT's other methods' adapters do."""
+        if not autocast_adapter_dtype:
+            for layer in self.fishird_layers(adapter_name).values():
+                layer.use_base_dtype(adapter_name)
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

@@ -25,6 +25,7 @@ def add_weighted_adapter(tuner: Any, adapters: list[str], weights: list[float], 
     _check_request(tuner, adapters, weights, adapter_name)
     config = copy.deepcopy(tuner.peft_config[adapters[0]])
     config.selection_record = None
+    config.mask_init, config.init_weights = "fisher", True  # the mask and values come from the adapters
     tuner.peft_config[adapter_name] = config
     tuner.inject_adapter(tuner.model, adapter_name)
     masks: dict[str, torch.Tensor] = {}
