@@ -9,7 +9,7 @@ from ._version import __version__
 from .config import FishIRDConfig, FishIRDPeftType
 from .fisher import FisherResult, NonFiniteFisherError, compute_fisher
 from .functional import prepare_model
-from .integration import FishIRDCallback, get_peft_model
+from .integration import FishIRDCallback, get_peft_model, prepare_from_trainer
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError
 from .layer_types import register_layer_type
 from .masks import fish_mask, fisher_scores, shira_budget, shira_mask_fn
@@ -33,6 +33,7 @@ __all__ = [
     "fish_mask",
     "fisher_scores",
     "get_peft_model",
+    "prepare_from_trainer",
     "prepare_model",
     "register",
     "register_layer_type",

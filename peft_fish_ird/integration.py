@@ -8,7 +8,10 @@ resuming), so both of these work:
 * ``model.prepare(train_dataset, data_collator=collator)`` any time before ``trainer.train()``
   (the recommended one-line change from a LoRA script);
 * ``Trainer(..., callbacks=[FishIRDCallback(train_dataset, data_collator=collator)])``: prepares
-  when the Trainer is constructed (``on_init_end``), for pipelines that build the Trainer for you.
+  when the Trainer is constructed (``on_init_end``), for pipelines that build the Trainer for you;
+* ``prepare_from_trainer(trainer)`` after constructing a trainer that tokenizes the data itself
+  (TRL's ``SFTTrainer``): a callback cannot do this, since no callback event before the optimizer
+  is built sees the trainer's dataset.
 
 Either way the callback's ``on_train_begin`` check (also installed by passing the callback with no
 dataset) fails loudly when an optimizer built before ``prepare`` would silently leave the mask
@@ -64,6 +67,30 @@ class FishIRDCallback(TrainerCallback):
             raise UnpreparedAdapterError(unprepared_message(tuner.active_adapters[0]))
         check_optimizer_covers(model, optimizer)
         return control
+
+
+def prepare_from_trainer(trainer: Any, **prepare_kwargs: Any) -> Any:
+    """Prepare the FishIRD adapter of ``trainer.model`` on the trainer's own ``train_dataset`` and ``data_collator``.
+
+    For trainers that tokenize the data themselves, such as TRL's ``SFTTrainer`` (prompt/completion
+    pairs become ``input_ids`` and ``labels`` with -100 on the prompt): call it after constructing the
+    trainer and before ``train()``, so the Fisher pass sees the tokens and labels training sees.
+    ``prepare_kwargs`` go to ``prepare``. Returns the ``SelectionRecord``.
+
+    Packed or padding-free data is refused: a Fisher sample must be one example, and ``prepare`` keeps
+    only the model's inputs, so the packed sequences' boundaries would be lost.
+    """
+    tuner = _fishird_tuner(trainer.model)
+    args = trainer.args
+    if getattr(args, "packing", False) or getattr(args, "padding_free", False):
+        raise ValueError(
+            "prepare_from_trainer needs one example per sequence, but the trainer packs examples (packing / "
+            "padding_free): prepare on the unpacked tokenized data first, `model.prepare(dataset, data_collator=...)`, "
+            "then build the trainer."
+        )
+    if trainer.train_dataset is None:
+        raise ValueError("The trainer has no train_dataset to prepare the FishIRD mask on; pass train_dataset=...")
+    return tuner.prepare(trainer.train_dataset, data_collator=trainer.data_collator, **prepare_kwargs)
 
 
 def _fishird_tuner(model: nn.Module) -> Any:

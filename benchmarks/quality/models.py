@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from benchmarks.common import atomic_folder, wheel_member
+from benchmarks.common import wheel_member
 from benchmarks.quality.plan import SMOLLM2_PACKAGE, BenchmarkError
+from peft_fish_ird.checkpoints import dequantize_gguf
 from peft_fish_ird.offline_data import cache_dir
 
 logger = logging.getLogger("quality")
@@ -42,7 +42,8 @@ def smollm2_folder() -> Path:
     """SmolLM2 de-quantized to float32 once and saved as a plain transformers folder (cached).
 
     Loading the GGUF file de-quantizes every tensor (slow); the cached copy is a causal LM without
-    a classification head, so every run draws its own seeded ``score`` head in ``from_pretrained``.
+    a classification head (``lm_head`` stays tied to the embeddings), so every run draws its own
+    seeded ``score`` head in ``from_pretrained``.
     """
     folder = cache_dir() / "smollm2-135m-instruct-q4_1-float32"
     if (folder / "config.json").exists():
@@ -51,17 +52,7 @@ def smollm2_folder() -> Path:
         raise BenchmarkError("SmolLM2 ships as GGUF; transformers needs `pip install gguf` to read it.")
     source, filename = smollm2_gguf()
     logger.info("converting %s (GGUF Q4_1, de-quantized to float32) into %s", filename, folder)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype="float32")
-    # save_pretrained refuses GGUF-loaded models; the tensors are plain float32 after de-quantizing, so
-    # write them and a config without the GGUF marker. lm_head is tied to embed_tokens: not saved.
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    del model.config.quantization_config
-    with atomic_folder(folder) as tmp:  # the folder appears complete or not at all
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return folder
+    return dequantize_gguf(source / filename, folder, dtype="float32", overwrite=True)
 
 
 def model_location(spec: dict[str, Any]) -> str:

@@ -1,0 +1,122 @@
+"""TRL's SFTTrainer: the LoRA -> FishIRD switch of examples/sft_*.py is two lines, and the FishIRD script
+trains only its masked entries (tiny Llama, 3 steps)."""
+
+import difflib
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer_integration import _code_lines
+
+from peft_fish_ird.layer import FishIRDLayer
+
+pytest.importorskip("trl")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_fishird_sft_script_differs_from_the_lora_sft_script_by_two_lines():
+    lora, fish = _code_lines(EXAMPLES / "sft_lora.py"), _code_lines(EXAMPLES / "sft_fishird.py")
+    diff = [
+        ln
+        for ln in difflib.unified_diff(lora, fish, lineterm="", n=0)
+        if ln[:1] in "+-" and ln[:3] not in ("+++", "---")
+    ]
+    removed, added = [ln for ln in diff if ln.startswith("-")], [ln for ln in diff if ln.startswith("+")]
+    assert len(removed) <= 2 and len(added) <= 2, diff
+    assert any("FishIRDConfig" in ln for ln in added)
+
+
+def _masks(model):
+    return {
+        f"{name}.{p}": module.indices(p)["default"].clone()
+        for name, module in model.base_model.model.named_modules()
+        if isinstance(module, FishIRDLayer)
+        for p in module.base_param_names()
+    }
+
+
+def test_fishird_sft_script_trains_only_the_masked_entries(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    out = tmp_path / "sft"
+    monkeypatch.setattr(sys, "argv", ["sft_fishird.py", "--tiny", "--max-steps", "3", "--output-dir", str(out)])
+    script = runpy.run_path(str(EXAMPLES / "sft_fishird.py"), run_name="__main__")
+    trainer, model = script["trainer"], script["model"]
+    assert trainer.state.global_step == 3
+    assert (out / "adapter_model.safetensors").exists()
+    masks = _masks(model)
+    assert "lm_head.weight" not in masks  # TRL's fused head reads lm_head.weight directly: excluded
+    merged = model.merge_and_unload()
+    from sft_common import load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer(tiny=True)  # the same seeded random weights
+    moved = 0
+    for name, param in base.named_parameters():
+        changed = torch.nonzero((merged.get_parameter(name) != param).reshape(-1)).reshape(-1)
+        allowed = set(masks.get(name, torch.empty(0, dtype=torch.long)).tolist())
+        assert set(changed.tolist()) <= allowed, name
+        moved += changed.numel()
+    assert moved > 0
+
+
+def _sft_trainer(tmp_path, model, tokenizer, rows, peft_config, **sft_args):
+    """TRL's SFTTrainer on raw prompt/completion pairs: it tokenizes them itself (labels -100 on the prompt)."""
+    from datasets import Dataset
+    from sft_common import prompt_of
+    from trl import SFTConfig, SFTTrainer
+
+    pairs = Dataset.from_dict(
+        {
+            "prompt": [prompt_of(r.text) for r in rows],
+            "completion": [" positive" if r.label else " negative" for r in rows],
+        }
+    )
+    args = SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, bf16=False,
+        gradient_checkpointing=False, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, **sft_args,
+    )  # fmt: skip
+    return SFTTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer, peft_config=peft_config)
+
+
+def _config():
+    from peft_fish_ird import FishIRDConfig
+
+    return FishIRDConfig(task_type="CAUSAL_LM", keep_ratio=0.01, num_samples=16, exclude_modules=["lm_head"])
+
+
+def test_prepare_from_trainer_uses_sft_trainers_own_tokenization_with_prompt_labels_masked(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from peft import get_peft_model
+    from sft_common import load_model_and_tokenizer, sft_dataset, sft_rows
+
+    from peft_fish_ird import prepare_from_trainer
+
+    model, tokenizer = load_model_and_tokenizer(tiny=True)
+    trainer = _sft_trainer(tmp_path, model, tokenizer, sft_rows(64)["train"], _config())
+    own = sft_dataset(tokenizer, n=64)  # the same pairs, tokenized by examples/sft_common.py
+    assert trainer.train_dataset[0]["input_ids"] == own[0]["input_ids"]
+    assert trainer.train_dataset[0]["labels"] == own[0]["labels"]  # -100 on the prompt
+    record = prepare_from_trainer(trainer, progress=False)
+
+    reference = get_peft_model(load_model_and_tokenizer(tiny=True)[0], _config())
+    reference.prepare(own, data_collator=trainer.data_collator, progress=False)
+    assert record.sample_indices == reference.selection.sample_indices
+    got, expected = _masks(trainer.model), _masks(reference)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    values = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "fishird_" in n and p.numel()}
+    trainer.train()
+    assert any(not torch.equal(p, values[n]) for n, p in trainer.model.named_parameters() if n in values)
+
+
+def test_prepare_from_trainer_refuses_packed_data(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from sft_common import load_model_and_tokenizer, sft_rows
+
+    from peft_fish_ird import prepare_from_trainer
+
+    model, tokenizer = load_model_and_tokenizer(tiny=True)
+    trainer = _sft_trainer(tmp_path, model, tokenizer, sft_rows(16)["train"], _config(), packing=True)
+    with pytest.raises(ValueError, match="packs examples"):
+        prepare_from_trainer(trainer)
