@@ -73,10 +73,13 @@ def _sft_trainer(tmp_path, model, tokenizer, rows, peft_config, **sft_args):
             "completion": [" positive" if r.label else " negative" for r in rows],
         }
     )
+    settings = dict(
+        per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, bf16=False, gradient_checkpointing=False
+    )
+    settings.update(sft_args)
     args = SFTConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, bf16=False,
-        gradient_checkpointing=False, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, **sft_args,
-    )  # fmt: skip
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, **settings
+    )
     return SFTTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer, peft_config=peft_config)
 
 
@@ -94,7 +97,10 @@ def test_prepare_from_trainer_uses_sft_trainers_own_tokenization_with_prompt_lab
     from peft_fish_ird import prepare_from_trainer
 
     model, tokenizer = load_model_and_tokenizer(tiny=True)
-    trainer = _sft_trainer(tmp_path, model, tokenizer, sft_rows(64)["train"], _config())
+    # TRL's defaults: bf16 (CPU autocast here) and gradient checkpointing
+    trainer = _sft_trainer(
+        tmp_path, model, tokenizer, sft_rows(64)["train"], _config(), bf16=True, gradient_checkpointing=True
+    )
     own = sft_dataset(tokenizer, n=64)  # the same pairs, tokenized by examples/sft_common.py
     assert trainer.train_dataset[0]["input_ids"] == own[0]["input_ids"]
     assert trainer.train_dataset[0]["labels"] == own[0]["labels"]  # -100 on the prompt
@@ -107,6 +113,7 @@ def test_prepare_from_trainer_uses_sft_trainers_own_tokenization_with_prompt_lab
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
     values = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "fishird_" in n and p.numel()}
     trainer.train()
+    assert trainer.model.get_base_model().model.gradient_checkpointing
     assert any(not torch.equal(p, values[n]) for n, p in trainer.model.named_parameters() if n in values)
 
 
