@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 logger = logging.getLogger(__name__)
 LABEL_KEYS = ("labels", "label", "label_ids")
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "inputs_embeds", "position_ids")
+LOSS_MASK_KEYS = ("completion_mask", "assistant_masks")  # SFT loss masks (TRL) that are not model inputs
 
 
 @dataclass
@@ -37,6 +38,14 @@ def accepted_input_names(model: nn.Module) -> Optional[set[str]]:
 
 
 def _keep_model_columns(example: Mapping[str, Any], accepted: Optional[set[str]]) -> dict[str, Any]:
+    masks = [k for k in LOSS_MASK_KEYS if k in example]
+    if masks and not any(k in example for k in LABEL_KEYS):
+        raise ValueError(
+            f"The examples carry {masks} but no 'labels': prepare keeps only the model's inputs and the labels, so "
+            "this loss mask would be lost and the prompt tokens would count in the Fisher information. Fold it into "
+            "the labels first: labels = input_ids with -100 where the mask is 0 (the dataset TRL's SFTTrainer "
+            "prepares already has such labels: `peft_fish_ird.prepare_from_trainer(trainer)` uses it)."
+        )
     if accepted is None:
         return dict(example)
     kept = {k: v for k, v in example.items() if k in accepted or k in LABEL_KEYS}

@@ -75,6 +75,15 @@ def test_prompt_labels_change_the_fisher_so_the_minus_100_mask_matters():
     assert any(not torch.equal(mask_a[n], mask_b[n]) for n in mask_a)
 
 
+def test_a_loss_mask_column_without_labels_is_refused_instead_of_silently_dropped():
+    examples = [
+        {"input_ids": e["input_ids"], "completion_mask": [int(t != -100) for t in e["labels"]]} for e in lm_examples(8)
+    ]
+    model = get_peft_model(tiny_llama(), _config())
+    with pytest.raises(ValueError, match="completion_mask.*no 'labels'"):
+        model.prepare(examples, data_collator=lm_collate, progress=False)
+
+
 def _loss_and_grads(model, batch):
     model.zero_grad()
     loss = model(**batch).loss
