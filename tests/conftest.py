@@ -163,3 +163,33 @@ def randomize_values(peft_model, scale: float = 0.1, seed: int = 1) -> None:
         for name, p in peft_model.named_parameters():
             if "fishird_" in name and p.numel():
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def script_diff(lora_path, fish_path) -> tuple[list[str], list[str]]:
+    """(removed, added) code lines between two example scripts, their docstrings left out."""
+    import ast
+    import difflib
+
+    def code_lines(path):
+        source = path.read_text()
+        doc = ast.get_docstring(ast.parse(source), clean=False)
+        return (source.split('"""', 2)[2] if doc else source).splitlines()
+
+    diff = [
+        ln
+        for ln in difflib.unified_diff(code_lines(lora_path), code_lines(fish_path), lineterm="", n=0)
+        if ln[:1] in "+-" and ln[:3] not in ("+++", "---")
+    ]
+    return [ln for ln in diff if ln.startswith("-")], [ln for ln in diff if ln.startswith("+")]
+
+
+def adapter_masks(peft_model, adapter: str = "default") -> dict:
+    """``"<module>.<param>"`` -> the adapter's entry indices, for every FishIRD layer."""
+    from peft_fish_ird.layer import FishIRDLayer
+
+    return {
+        f"{name}.{p}": module.indices(p)[adapter].clone()
+        for name, module in peft_model.base_model.model.named_modules()
+        if isinstance(module, FishIRDLayer)
+        for p in module.base_param_names()
+    }

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import lm_collate, lm_examples, randomize_values, tiny_llama
+from conftest import adapter_masks, lm_collate, lm_examples, randomize_values, tiny_llama
 from datasets import Dataset
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
@@ -28,15 +28,6 @@ def _prepared(seed=0, **overrides):
     return model
 
 
-def _masks(model):
-    return {
-        f"{name}.{p}": module.indices(p)["default"].clone()
-        for name, module in model.base_model.model.named_modules()
-        if isinstance(module, FishIRDLayer)
-        for p in module.base_param_names()
-    }
-
-
 def _values(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "fishird_" in n and p.numel()}
 
@@ -55,7 +46,7 @@ def test_sft_mask_is_the_global_top_k_of_the_batch_size_one_fisher_over_completi
     assert "lm_head" in targets and "model.embed_tokens" in targets and "model.norm" in targets
     drawn = [examples[i] for i in record.sample_indices]
     slow = fisher_loop(reference, [lm_collate(drawn[i : i + 1]) for i in range(len(drawn))], targets)
-    expected, got = select(slow.scores, record.k, "global"), _masks(model)
+    expected, got = select(slow.scores, record.k, "global"), adapter_masks(model)
     assert got.keys() == expected.keys()
     overlap = sum(len(set(got[k].tolist()) & set(expected[k].tolist())) for k in expected)
     assert overlap >= record.k - 2  # float ties at the threshold are the only allowed difference

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import fish_config, make_examples, pad_collate, tiny_bert
+from conftest import adapter_masks, fish_config, make_examples, pad_collate, tiny_bert
 from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 
@@ -18,15 +18,6 @@ def _ird(**overrides):
     kwargs = dict(selection="ird", num_samples=32, ird_min_samples=4, ird_eval_steps=2, ird_eval_batch_size=4)
     kwargs.update(overrides)
     return get_peft_model(tiny_bert(), fish_config(**kwargs))
-
-
-def _masks(model):
-    out = {}
-    for name, module in model.base_model.model.named_modules():
-        if isinstance(module, FishIRDLayer):
-            for p in module.base_param_names():
-                out[f"{name}.{p}"] = module.indices(p)["default"].clone()
-    return out
 
 
 def _same(a, b):
@@ -137,7 +128,7 @@ def test_ird_rounds_1_equals_fish_bit_for_bit():
     evaluator = ScoreByCall(best=1)
     ird = _ird(ird_rounds=1)
     rec = ird.prepare(EXAMPLES, data_collator=pad_collate, evaluator=evaluator, progress=False)
-    assert _same(_masks(fish), _masks(ird))
+    assert _same(adapter_masks(fish), adapter_masks(ird))
     assert evaluator.calls == 0 and len(rec.trace) == 1 and rec.sample_indices == fish.selection.sample_indices
 
 
@@ -147,8 +138,8 @@ def test_round_one_candidate_equals_fish_even_with_a_held_out_split():
     ird = _ird()
     evaluator = ScoreByCall(best=1)
     ird.prepare(EXAMPLES, data_collator=pad_collate, evaluator=evaluator, progress=False)
-    assert _same(evaluator.seen[0], _masks(fish))
-    assert _same(_masks(ird), _masks(fish))
+    assert _same(evaluator.seen[0], adapter_masks(fish))
+    assert _same(adapter_masks(ird), adapter_masks(fish))
 
 
 @pytest.mark.parametrize("best", [2, 3])
@@ -157,7 +148,7 @@ def test_evaluator_choice_decides_the_mask(best):
     model = _ird()
     rec = model.prepare(EXAMPLES, data_collator=pad_collate, evaluator=evaluator, progress=False)
     assert rec.best_round == best
-    assert _same(_masks(model), evaluator.seen[best - 1])
+    assert _same(adapter_masks(model), evaluator.seen[best - 1])
     assert not _same(evaluator.seen[0], evaluator.seen[best - 1])
 
 
@@ -169,7 +160,7 @@ def test_trace_sizes_follow_the_schedule_and_gradient_count_is_bounded():
     assert [r.n_params_in_range for r in rec.trace] == [candidates, candidates // 2, candidates // 4, candidates // 8]
     assert rec.per_sample_gradients == 60 <= 2 * 32
     assert all(r.score is not None for r in rec.trace)
-    assert sum(m.numel() for m in _masks(model).values()) == rec.k
+    assert sum(m.numel() for m in adapter_masks(model).values()) == rec.k
 
 
 def test_reverse_and_random_controls_prepare_masks_of_the_same_size():
@@ -178,7 +169,7 @@ def test_reverse_and_random_controls_prepare_masks_of_the_same_size():
         model = _ird(selection=selection)
         evaluator = ScoreByCall(best=99) if selection != "random" else None
         rec = model.prepare(EXAMPLES, data_collator=pad_collate, evaluator=evaluator, progress=False)
-        sizes[selection] = sum(m.numel() for m in _masks(model).values())
+        sizes[selection] = sum(m.numel() for m in adapter_masks(model).values())
         assert rec.method == selection
     assert len(set(sizes.values())) == 1
 
@@ -189,14 +180,14 @@ def test_random_selection_is_seeded_and_differs_from_fish():
         m.prepare(EXAMPLES, data_collator=pad_collate, progress=False)
     fish = get_peft_model(tiny_bert(), fish_config(num_samples=32))
     fish.prepare(EXAMPLES, data_collator=pad_collate, progress=False)
-    assert _same(_masks(a), _masks(b)) and not _same(_masks(a), _masks(fish))
+    assert _same(adapter_masks(a), adapter_masks(b)) and not _same(adapter_masks(a), adapter_masks(fish))
 
 
 def test_ird_is_deterministic():
     a, b = _ird(), _ird()
     ra = a.prepare(EXAMPLES, data_collator=pad_collate, progress=False)
     rb = b.prepare(EXAMPLES, data_collator=pad_collate, progress=False)
-    assert _same(_masks(a), _masks(b))
+    assert _same(adapter_masks(a), adapter_masks(b))
     assert [r.score for r in ra.trace] == [r.score for r in rb.trace]
 
 
@@ -277,7 +268,7 @@ def test_trace_and_settings_round_trip_through_save_and_load(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     assert loaded.selection.trace == rec.trace
     assert loaded.selection.settings == rec.settings and loaded.selection.best_round == rec.best_round
-    assert _same(_masks(loaded), _masks(model))
+    assert _same(adapter_masks(loaded), adapter_masks(model))
 
 
 def test_ird_end_to_end_with_builtin_evaluator_then_training():

@@ -2,8 +2,8 @@
 range and the rest), descending into the better one; round 1 is still FISH."""
 
 import torch
-from conftest import make_examples, pad_collate
-from test_ird import _fake_pass, _ird, _masks, _same
+from conftest import adapter_masks, make_examples, pad_collate
+from test_ird import _fake_pass, _ird, _same
 
 from peft_fish_ird.ird import IRDSettings, iterative_range_decreasing, planned_passes
 
@@ -57,4 +57,4 @@ def test_branch_round_one_is_fish_and_prepare_records_every_candidate():
     assert [row.n_samples for row in record.trace][:3] == [32, 16, 16]
     assert all(row.score is not None for row in record.trace)
     if record.best_round == 1:
-        assert _same(_masks(model), _masks(fish))
+        assert _same(adapter_masks(model), adapter_masks(fish))

@@ -1,16 +1,13 @@
 """TRL's SFTTrainer: the LoRA -> FishIRD switch of examples/sft_*.py is two lines, and the FishIRD script
 trains only its masked entries (tiny Llama, 3 steps)."""
 
-import difflib
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_integration import _code_lines
-
-from peft_fish_ird.layer import FishIRDLayer
+from conftest import adapter_masks, script_diff
 
 pytest.importorskip("trl")
 
@@ -18,24 +15,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_fishird_sft_script_differs_from_the_lora_sft_script_by_two_lines():
-    lora, fish = _code_lines(EXAMPLES / "sft_lora.py"), _code_lines(EXAMPLES / "sft_fishird.py")
-    diff = [
-        ln
-        for ln in difflib.unified_diff(lora, fish, lineterm="", n=0)
-        if ln[:1] in "+-" and ln[:3] not in ("+++", "---")
-    ]
-    removed, added = [ln for ln in diff if ln.startswith("-")], [ln for ln in diff if ln.startswith("+")]
-    assert len(removed) <= 2 and len(added) <= 2, diff
+    removed, added = script_diff(EXAMPLES / "sft_lora.py", EXAMPLES / "sft_fishird.py")
+    assert len(removed) <= 2 and len(added) <= 2, (removed, added)
     assert any("FishIRDConfig" in ln for ln in added)
-
-
-def _masks(model):
-    return {
-        f"{name}.{p}": module.indices(p)["default"].clone()
-        for name, module in model.base_model.model.named_modules()
-        if isinstance(module, FishIRDLayer)
-        for p in module.base_param_names()
-    }
 
 
 def test_fishird_sft_script_trains_only_the_masked_entries(tmp_path, monkeypatch):
@@ -46,7 +28,7 @@ def test_fishird_sft_script_trains_only_the_masked_entries(tmp_path, monkeypatch
     trainer, model = script["trainer"], script["model"]
     assert trainer.state.global_step == 3
     assert (out / "adapter_model.safetensors").exists()
-    masks = _masks(model)
+    masks = adapter_masks(model)
     assert "lm_head.weight" not in masks  # TRL's fused head reads lm_head.weight directly: excluded
     merged = model.merge_and_unload()
     from sft_common import load_model_and_tokenizer
@@ -109,7 +91,7 @@ def test_prepare_from_trainer_uses_sft_trainers_own_tokenization_with_prompt_lab
     reference = get_peft_model(load_model_and_tokenizer(tiny=True)[0], _config())
     reference.prepare(own, data_collator=trainer.data_collator, progress=False)
     assert record.sample_indices == reference.selection.sample_indices
-    got, expected = _masks(trainer.model), _masks(reference)
+    got, expected = adapter_masks(trainer.model), adapter_masks(reference)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
     values = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "fishird_" in n and p.numel()}
     trainer.train()

@@ -1,12 +1,10 @@
 """HF Trainer pipelines: prepare placement, callback, resume, accumulation/clipping/schedules/eval."""
 
-import ast
-import difflib
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fish_config, make_examples, pad_collate, prepared_tiny_bert, tiny_bert
+from conftest import fish_config, make_examples, pad_collate, prepared_tiny_bert, script_diff, tiny_bert
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -40,22 +38,9 @@ def _values(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "fishird_" in n or "modules_to_save" in n}
 
 
-def _code_lines(path):
-    source = path.read_text()
-    doc = ast.get_docstring(ast.parse(source), clean=False)
-    body = source.split('"""', 2)[2] if doc else source
-    return body.splitlines()
-
-
 def test_fishird_trainer_script_differs_from_the_lora_script_by_two_lines():
-    lora, fish = _code_lines(EXAMPLES / "trainer_lora.py"), _code_lines(EXAMPLES / "trainer_fishird.py")
-    diff = [
-        ln
-        for ln in difflib.unified_diff(lora, fish, lineterm="", n=0)
-        if ln[:1] in "+-" and ln[:3] not in ("+++", "---")
-    ]
-    removed, added = [ln for ln in diff if ln.startswith("-")], [ln for ln in diff if ln.startswith("+")]
-    assert len(removed) <= 2 and len(added) <= 2, diff
+    removed, added = script_diff(EXAMPLES / "trainer_lora.py", EXAMPLES / "trainer_fishird.py")
+    assert len(removed) <= 2 and len(added) <= 2, (removed, added)
     assert any("FishIRDConfig" in ln for ln in added)
 
 
