@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # the package of this checkout, not whatever the venv points at
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {"test": 400, "selection": 128, "train": 768, "val": 400}
 MAX_LENGTH = 40
@@ -85,7 +89,7 @@ def pooled_features(base, dataset, collator) -> torch.Tensor:
     base.eval()
     out = []
     loader = torch.utils.data.DataLoader(dataset, batch_size=EVAL_BATCH, collate_fn=collator)
-    with torch.inference_mode():
+    with torch.no_grad():
         for batch in loader:
             batch.pop("labels")
             out.append(base.bert(**batch).pooler_output.float())
@@ -130,10 +134,9 @@ def fishird_model(
         num_samples=num_samples,
         fisher_batch_size=16,
         fisher="empirical",
-        budget="global",
         head_in_budget=True,
         seed=fisher_seed,
-        **extra,
+        **{"budget": "global", **extra},
     )
     model = get_peft_model(base, cfg)
     kwargs = {k: v for k, v in (("selection_dataset", selection_dataset), ("evaluator", evaluator)) if v is not None}
@@ -257,17 +260,27 @@ def evaluate(model, dataset, collator) -> dict[str, float]:
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=EVAL_BATCH, collate_fn=collator)
     logits, gold = [], []
-    with torch.inference_mode():
+    # no_grad, not inference_mode: FishIRD's embedding fast path caches a table across calls, and a
+    # table built under inference_mode cannot be used by a later training step (RuntimeError)
+    with torch.no_grad():
         for batch in loader:
             gold.append(batch.pop("labels"))
             logits.append(model(**batch).logits.float())
     lg, y = torch.cat(logits), torch.cat(gold)
+    model.train(False)
     pred = lg.argmax(-1)
     return {
         "accuracy": round(float((pred == y).float().mean()), 4),
         "loss": round(float(torch.nn.functional.cross_entropy(lg, y)), 4),
         "positive_rate": round(float(pred.float().mean()), 4),
     }
+
+
+def provenance() -> dict[str, str]:
+    import peft_fish_ird
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    return {"peft_fish_ird_file": peft_fish_ird.__file__, "git_head": head.strip()}
 
 
 class Store:

@@ -33,7 +33,8 @@ import common as C  # noqa: E402
 
 OUT = C.RESULTS / "fish_stability.json"
 MASKS = C.RESULTS / "masks"
-SEEDS = [0, 1, 2, 3, 4]
+SEEDS = [0, 1, 2, 3]
+DECOMP_SEEDS = [0, 1, 2]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Cond:
     head: str = "random"  # random | probe
     keep_ratio: float = 0.005
     warmup_ratio: float = 0.1
+    exclude_pooler: bool = False  # exclude_modules=["pooler.dense"]: the budget goes to the encoder
+    budget: str = "global"  # global | per_module
 
 
 BASE = Cond()
@@ -66,6 +69,9 @@ CONDITIONS: dict[str, Cond] = {
     "lr3e-3_steps300": replace(BASE, lr=3e-3, steps=300),
     "probe_lr3e-3_steps300": replace(BASE, head="probe", lr=3e-3, steps=300),
     "probe_lr1e-2_steps300": replace(BASE, head="probe", lr=1e-2, steps=300),
+    "nopooler": replace(BASE, exclude_pooler=True),
+    "nopooler_lr1e-2": replace(BASE, exclude_pooler=True, lr=1e-2),
+    "permodule": replace(BASE, budget="per_module"),
     "kr002": replace(BASE, keep_ratio=0.002),
     "kr002_probe_lr1e-2": replace(BASE, keep_ratio=0.002, head="probe", lr=1e-2),
     "kr002_lr1e-2": replace(BASE, keep_ratio=0.002, lr=1e-2),
@@ -75,11 +81,11 @@ CONDITIONS: dict[str, Cond] = {
 def seed_triples(name: str) -> list[tuple[int, int, int]]:
     """(head, fisher, order) seeds of a condition; 'decomp_*' vary one factor with the others at 0."""
     if name == "decomp_head":
-        return [(s, 0, 0) for s in SEEDS]
+        return [(s, 0, 0) for s in DECOMP_SEEDS]
     if name == "decomp_fisher":
-        return [(0, s, 0) for s in SEEDS]
+        return [(0, s, 0) for s in DECOMP_SEEDS]
     if name == "decomp_order":
-        return [(0, 0, s) for s in SEEDS]
+        return [(0, 0, s) for s in DECOMP_SEEDS]
     return [(s, s, s) for s in SEEDS]
 
 
@@ -99,6 +105,7 @@ def meta() -> dict:
         "recipe": "plain torch loop = HF Trainer defaults: AdamW wd 0, linear warm-up/decay, clip 1.0",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        **C.provenance(),
     }
 
 
@@ -180,12 +187,12 @@ def train_run(store: C.Store, data: C.Data, name: str, hs: int, fs: int, os_: in
     if c.method == "lora":
         model = lora_model(base)
     else:
-        model, record = C.fishird_model(base, data, c.keep_ratio, c.num_samples, fs)
+        extra = {"exclude_modules": ["pooler.dense"]} if c.exclude_pooler else {}
+        model, record = C.fishird_model(base, data, c.keep_ratio, c.num_samples, fs, budget=c.budget, **extra)
         masks = C.layer_masks(model.base_model)
         C.save_masks(MASKS / f"{key.replace('|', '_')}.npz", masks)
         rec = {"group_shares": C.shares(masks, C.module_group), "k": record.k}
     params = C.trainable_params(model)
-    init = {"val": C.evaluate(model, data.val, data.collator)}
     losses = C.train_loop(model, params, data.train, data.collator, c.lr, c.steps, os_, c.warmup_ratio)
     store.append(
         {
@@ -197,7 +204,6 @@ def train_run(store: C.Store, data: C.Data, name: str, hs: int, fs: int, os_: in
             "fisher_seed": fs,
             "order_seed": os_,
             "trainable": sum(p.numel() for p in params),
-            "before": init,
             "val": C.evaluate(model, data.val, data.collator),
             "test": C.evaluate(model, data.test, data.collator),
             "losses": losses,

@@ -68,6 +68,7 @@ def meta() -> dict:
         "recipes": RECIPES,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        **C.provenance(),
     }
 
 
@@ -113,7 +114,7 @@ def recorder_run(store: C.Store, data: C.Data, seed: int, recipe: str, shrink: f
     key = f"recorder|{recipe}|shrink{shrink}|s{seed}"
     if key in store.done():
         return
-    r = RECIPES[recipe]
+    r = RECIPES.get(recipe, {})
     rounds: list[dict] = []
     first: dict = {}
     prev: dict = {}
@@ -133,6 +134,9 @@ def recorder_run(store: C.Store, data: C.Data, seed: int, recipe: str, shrink: f
         }
         prev.clear()
         prev.update(masks)
+        if recipe == "none":  # overlap only: no training
+            rounds.append(row)
+            return 0.0
         start = time.perf_counter()
         params = candidate_params(tuner)
         losses = C.train_loop(tuner, params, data.train, data.collator, r["lr"], r["steps"], seed)
@@ -180,7 +184,7 @@ def recorder_run(store: C.Store, data: C.Data, seed: int, recipe: str, shrink: f
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["run", "report"])
-    p.add_argument("--recipe", default="base", choices=sorted(RECIPES))
+    p.add_argument("--recipe", default="base", choices=sorted(RECIPES) + ["none"], help="none: candidate masks only")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--shrink", type=float, default=0.5)
     args = p.parse_args(argv)
@@ -192,7 +196,8 @@ def main(argv=None) -> int:
     store = C.Store(OUT, meta())
     data = C.load_data("movie")
     for s in [int(x) for x in args.seeds.split(",")]:
-        builtin_run(store, data, s, args.shrink)
+        if args.recipe != "none":
+            builtin_run(store, data, s, args.shrink)
         recorder_run(store, data, s, args.recipe, args.shrink)
     return 0
 

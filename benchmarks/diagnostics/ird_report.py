@@ -23,6 +23,37 @@ def centred(groups: list[list[float]]) -> list[float]:
     return [v - float(np.mean(g)) for g in groups for v in g]
 
 
+def same_candidates(builtin: dict, recorder: dict, kept: int) -> str:
+    """Jaccard of the built-in run's final mask and the recorder's candidate of the same round (1.0 expected)."""
+    a = C.RESULTS / "masks" / f"ird_{builtin['key'].replace('|', '_')}.npz"
+    b = C.RESULTS / "masks" / f"ird_{recorder['key'].replace('|', '_')}_round{kept}.npz"
+    if not (a.exists() and b.exists()):
+        return "n/a"
+    return f"J = {C.jaccard(C.load_masks(a), C.load_masks(b)):.4f}"
+
+
+def overlap_only(rs: list[dict], shrink: float) -> list[str]:
+    """Candidate overlap with round 1 (the FISH mask), from mask-only recorder runs (no training)."""
+    out = [
+        f"## Candidate overlap (mask-only runs, shrink {shrink}, seeds {sorted(r['seed'] for r in rs)})",
+        "",
+        "| seed | round | samples | params in range | J(round 1 = FISH) | J(previous) | pooler share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    per_round: dict[int, list[float]] = {}
+    for r in sorted(rs, key=lambda r: r["seed"]):
+        for row, tr in zip(r["rounds"], r["trace_n"]):
+            jp = "" if row["jaccard_prev"] is None else f"{row['jaccard_prev']:.3f}"
+            out.append(
+                f"| {r['seed']} | {row['round']} | {tr[1]} | {tr[2]:,} | {row['jaccard_round1']:.3f} | {jp} | "
+                f"{100 * row['group_shares'].get('pooler', 0):.1f}% |"
+            )
+            per_round.setdefault(row["round"], []).append(row["jaccard_round1"])
+    out += ["", "Mean Jaccard with round 1 by round: " + ", ".join(
+        f"round {t}: {np.mean(v):.3f} (n={len(v)})" for t, v in sorted(per_round.items())), ""]
+    return out
+
+
 def main() -> None:
     d = json.loads(SRC.read_text())
     runs = {r["key"]: r for r in d["runs"]}
@@ -41,6 +72,9 @@ def main() -> None:
     for r in recs:
         by_recipe.setdefault((r["recipe"], r["shrink"]), []).append(r)
     for (recipe, shrink), rs in by_recipe.items():
+        if recipe == "none":
+            out += overlap_only(rs, shrink)
+            continue
         out += [f"## recipe `{recipe}` ({d['meta']['recipes'][recipe]}), shrink {shrink}", ""]
         out += [
             "| seed | round | samples | params in range | built-in score | J(round 1 = FISH) | J(previous) | "
@@ -68,12 +102,13 @@ def main() -> None:
                 val_g.append(val)
                 kept = b["best_round"]
                 best_test = int(np.argmax(test)) + 1
+                same = same_candidates(b, r, kept)
                 notes.append(
                     f"seed {r['seed']}: built-in keeps round {kept} (test {100 * test[kept - 1]:.1f}); best candidate on "
                     f"test is round {best_test} ({100 * max(test):.1f}); by validation accuracy round "
                     f"{int(np.argmax(val)) + 1}; built-in score range {max(scores) - min(scores):.4f}, test range "
                     f"{100 * (max(test) - min(test)):.1f} pp; within-seed Spearman(score, test) "
-                    f"{C.spearman(scores, test):.2f}"
+                    f"{C.spearman(scores, test):.2f}; built-in's kept mask = recorder's round-{kept} candidate: {same}"
                 )
         out += ["", *[f"- {n}" for n in notes], ""]
         if score_g:
