@@ -130,7 +130,7 @@ def loss_plot(runs: list[dict], path: Path) -> None:
     names = list(conds)
     cols = 4
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharey=False)
     for ax, name in zip(axes.flat, names):
         for r in sorted(conds[name], key=lambda r: r["key"]):
             y = np.asarray(r["losses"])
@@ -139,7 +139,8 @@ def loss_plot(runs: list[dict], path: Path) -> None:
             lab = f"h{r['head_seed']} f{r['fisher_seed']} o{r['order_seed']}: {100 * r['test']['accuracy']:.0f}%"
             ax.plot(np.arange(sm.size) + w, sm, lw=1, label=lab)
         ax.set_title(name, fontsize=9)
-        ax.set_ylim(0.3, 0.85)
+        top = max(np.asarray(r["losses"]).max() for r in conds[name])
+        ax.set_ylim(0.2, 0.85 if top < 0.9 else min(4.5, 1.05 * top))
         ax.axhline(np.log(2), color="grey", lw=0.5, ls=":")
         ax.legend(fontsize=6)
         ax.set_xlabel("step")
