@@ -75,6 +75,7 @@ CONDITIONS: dict[str, Cond] = {
     "steps144": replace(BASE, steps=144),
     "lr3e-4_steps144": replace(BASE, lr=3e-4, steps=144),
     "nopooler_steps144": replace(BASE, exclude_pooler=True, steps=144),
+    "lora_steps144": replace(BASE, method="lora", lr=2e-3, steps=144),
     "kr002": replace(BASE, keep_ratio=0.002),
     "kr002_probe_lr1e-2": replace(BASE, keep_ratio=0.002, head="probe", lr=1e-2),
     "kr002_lr1e-2": replace(BASE, keep_ratio=0.002, lr=1e-2),
