@@ -120,7 +120,14 @@ def linear_probe(base, data: Data, steps: int = 300, lr: float = 1e-2, weight_de
 
 
 def fishird_model(
-    base, data: Data, keep_ratio: float, num_samples: int, fisher_seed: int, selection_dataset=None, evaluator=None, **extra
+    base,
+    data: Data,
+    keep_ratio: float,
+    num_samples: int,
+    fisher_seed: int,
+    selection_dataset=None,
+    evaluator=None,
+    **extra,
 ):
     """PEFT model with a prepared FishIRD mask; returns (model, record). ``extra``: FishIRDConfig fields."""
     from peft import get_peft_model

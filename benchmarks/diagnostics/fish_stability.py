@@ -26,10 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-import common as C  # noqa: E402
 
 OUT = C.RESULTS / "fish_stability.json"
 MASKS = C.RESULTS / "masks"

@@ -11,9 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import common as C  # noqa: E402
+import numpy as np  # noqa: E402
 
 SRC = C.RESULTS / "fish_stability.json"
 MD = C.RESULTS / "fish_stability.md"
@@ -112,8 +111,9 @@ def train_tables(runs: list[dict]) -> list[str]:
         rs = sorted(rs, key=lambda r: (r["head_seed"], r["fisher_seed"], r["order_seed"]))
         per = ", ".join(f"{100 * r['test']['accuracy']:.1f}" for r in rs)
         last = np.mean([np.mean(r["losses"][-8:]) for r in rs])
+        fisher_n = c["num_samples"] if c["method"] == "fish" else ""
         lines.append(
-            f"| {name} | {c['method']} | {c['lr']:g} | {c['steps']} | {c['num_samples'] if c['method'] == 'fish' else ''} "
+            f"| {name} | {c['method']} | {c['lr']:g} | {c['steps']} | {fisher_n} "
             f"| {c['head']} | {c['keep_ratio']:g} | {len(rs)} | {stats([r['val']['accuracy'] for r in rs])} | "
             f"{stats([r['test']['accuracy'] for r in rs])} | {per} | {last:.3f} |"
         )
@@ -174,7 +174,11 @@ def main() -> None:
             ("Fisher seeds, head init 0, 512 samples", dict(head_seed=0, num_samples=512, head="random"), "fs"),
             ("head-init seeds, Fisher seed 0, 128 samples", dict(fisher_seed=0, num_samples=128, head="random"), "hs"),
             ("head-init seeds, whole train split (768 samples)", dict(num_samples=768, head="random"), "hs"),
-            ("head-init seeds, linear-probe head, 128 samples", dict(fisher_seed=0, num_samples=128, head="probe"), "hs"),
+            (
+                "head-init seeds, linear-probe head, 128 samples",
+                dict(fisher_seed=0, num_samples=128, head="probe"),
+                "hs",
+            ),
         ]:
             rs = pick(mruns, keep_ratio=kr, **sel)
             if len(rs) < 2:
@@ -197,7 +201,10 @@ def main() -> None:
     groups = sorted({g for r in mruns for g in r["group_shares"]})
     layers = sorted({g for r in mruns for g in r["layer_shares"]})
     show = [r for r in mruns if r["num_samples"] == 128 and r["fisher_seed"] == 0]
-    out += ["| mask | " + " | ".join(layers) + " | selected Fisher share | probe val acc |", "|---" * (len(layers) + 3) + "|"]
+    out += [
+        "| mask | " + " | ".join(layers) + " | selected Fisher share | probe val acc |",
+        "|---" * (len(layers) + 3) + "|",
+    ]
     for r in show:
         out.append(
             f"| {r['head']} hs{r['head_seed']} kr{r['keep_ratio']:g} | "
@@ -207,16 +214,21 @@ def main() -> None:
     out += ["", "| mask | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
     for r in show:
         out.append(
-            f"| {r['head']} hs{r['head_seed']} | " + " | ".join(f"{100 * r['group_shares'].get(g, 0):.1f}" for g in groups) + " |"
+            f"| {r['head']} hs{r['head_seed']} | "
+            + " | ".join(f"{100 * r['group_shares'].get(g, 0):.1f}" for g in groups)
+            + " |"
         )
     out.append("")
     data = C.load_data("movie")
     out += pooler_rows(show + pick(mruns, num_samples=768), data)
     if truns:
         out += ["## 3. Per-seed accuracy by condition", "", *train_tables(truns)]
-        out += ["Seeds: `base`, `lr*`, `probe*`, ... use head = Fisher = order seed s; `decomp_head` varies only the "
-                "head init (Fisher draw and order at 0), `decomp_fisher` only the Fisher draw, `decomp_order` only the "
-                "training order / dropout.", ""]
+        out += [
+            "Seeds: `base`, `lr*`, `probe*`, ... use head = Fisher = order seed s; `decomp_head` varies only the "
+            "head init (Fisher draw and order at 0), `decomp_fisher` only the Fisher draw, `decomp_order` only the "
+            "training order / dropout.",
+            "",
+        ]
         tr_masks = [r for r in truns if r["cond"]["method"] == "fish" and mask_file(r["key"]).exists()]
         by: dict[str, list[dict]] = {}
         for r in tr_masks:

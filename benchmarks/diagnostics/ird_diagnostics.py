@@ -32,9 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import common as C  # noqa: E402
+import torch  # noqa: E402
 
 OUT = C.RESULTS / "ird_diagnostics.json"
 MASKS = C.RESULTS / "masks"

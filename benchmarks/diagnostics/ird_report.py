@@ -11,9 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import common as C  # noqa: E402
+import numpy as np  # noqa: E402
 
 SRC = C.RESULTS / "ird_diagnostics.json"
 MD = C.RESULTS / "ird_diagnostics.md"
@@ -49,8 +48,12 @@ def overlap_only(rs: list[dict], shrink: float) -> list[str]:
                 f"{100 * row['group_shares'].get('pooler', 0):.1f}% |"
             )
             per_round.setdefault(row["round"], []).append(row["jaccard_round1"])
-    out += ["", "Mean Jaccard with round 1 by round: " + ", ".join(
-        f"round {t}: {np.mean(v):.3f} (n={len(v)})" for t, v in sorted(per_round.items())), ""]
+    out += [
+        "",
+        "Mean Jaccard with round 1 by round: "
+        + ", ".join(f"round {t}: {np.mean(v):.3f} (n={len(v)})" for t, v in sorted(per_round.items())),
+        "",
+    ]
     return out
 
 
@@ -104,10 +107,10 @@ def main() -> None:
                 best_test = int(np.argmax(test)) + 1
                 same = same_candidates(b, r, kept)
                 notes.append(
-                    f"seed {r['seed']}: built-in keeps round {kept} (test {100 * test[kept - 1]:.1f}); best candidate on "
-                    f"test is round {best_test} ({100 * max(test):.1f}); by validation accuracy round "
-                    f"{int(np.argmax(val)) + 1}; built-in score range {max(scores) - min(scores):.4f}, test range "
-                    f"{100 * (max(test) - min(test)):.1f} pp; within-seed Spearman(score, test) "
+                    f"seed {r['seed']}: built-in keeps round {kept} (test {100 * test[kept - 1]:.1f}); "
+                    f"best candidate on test is round {best_test} ({100 * max(test):.1f}); by validation "
+                    f"accuracy round {int(np.argmax(val)) + 1}; built-in score range {max(scores) - min(scores):.4f}, "
+                    f"test range {100 * (max(test) - min(test)):.1f} pp; within-seed Spearman(score, test) "
                     f"{C.spearman(scores, test):.2f}; built-in's kept mask = recorder's round-{kept} candidate: {same}"
                 )
         out += ["", *[f"- {n}" for n in notes], ""]
