@@ -52,6 +52,7 @@ RECIPES = {  # the main training each candidate gets in the recorder
     "base": {"lr": 1e-3, "steps": 48},
     "lr1e-2": {"lr": 1e-2, "steps": 48},
     "lr1e-2_steps300": {"lr": 1e-2, "steps": 300},
+    "steps144": {"lr": 1e-3, "steps": 144},  # the fixed recipe of fish_stability.py
 }
 
 
