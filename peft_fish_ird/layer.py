@@ -274,7 +274,8 @@ class FishIRDModule(nn.Module, FishIRDLayer):
         """Layouts derived from the indices (for fast forwards), rebuilt whenever the index tensor is replaced."""
         entry = self._layout_cache.get(adapter)
         if entry is None or entry[0] is not indices:
-            entry = (indices, build())
+            with torch.inference_mode(False):  # a layout first built under inference_mode must serve training too
+                entry = (indices, build())
             self._layout_cache[adapter] = entry
         return entry[1]
 

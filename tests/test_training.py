@@ -96,3 +96,16 @@ def test_trainer_on_unprepared_model_raises_the_documented_error(tmp_path):
     )
     with pytest.raises(UnpreparedAdapterError, match="prepare"):
         trainer.train()
+
+
+def test_training_after_evaluation_under_inference_mode():
+    model = prepared_tiny_bert()
+    batch = pad_collate(make_examples(4, seed=2))
+    with torch.inference_mode():
+        model.eval()
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "fishird_" in n and p.requires_grad]
+    assert grads and all(g is not None for g in grads)
