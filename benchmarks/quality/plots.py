@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from benchmarks.quality.stats import (
     COLOURS,
@@ -24,6 +25,15 @@ CURVE_METHODS = ("fish", "ird", "lora")
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Lay out, write and close a figure (every plot is saved the same way)."""
+    import matplotlib.pyplot as plt  # optional dependency: imported only when plotting
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_accuracy(records: list[Record], title: str, path: Path) -> None:
@@ -47,9 +57,7 @@ def plot_accuracy(records: list[Record], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_traces(records: list[Record], title: str, path: Path) -> bool:
@@ -80,9 +88,7 @@ def plot_traces(records: list[Record], title: str, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("selection score (higher is better)")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -113,9 +119,7 @@ def plot_convergence(records: list[Record], title: str, path: Path) -> bool:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("validation accuracy (%)")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
