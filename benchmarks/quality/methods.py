@@ -73,9 +73,7 @@ def build_fishird(base: Any, cell: Cell, exp: Experiment, data: TaskData) -> tup
         task_type="SEQ_CLS",
         keep_ratio=cell.keep_ratio,
         seed=cell.seed,
-        **s["fish"],
-        **s["ird"],
-        **METHOD_CONFIG[cell.method],
+        **{**s["fish"], **s["ird"], **METHOD_CONFIG[cell.method]},  # the method's own settings win
     )
     model = get_peft_model(base, config)
     selection = data.selection if cell.method in IRD_METHODS else None

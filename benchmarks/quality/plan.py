@@ -23,8 +23,21 @@ RESULTS_NAME = "quality.json"
 
 FISHIRD_METHODS = SELECTION_TYPES  # one benchmark method per selection of the package (its one source)
 IRD_VARIANTS = {"ird_branch": {"selection": "ird", "ird_search": "branch"}}  # IRD searches under their own names
+OUTSIDE_BLOCKS = r".*\b(embeddings|pooler)\..*"  # BERT's embeddings and pooler: what lies outside its blocks
+# Where the mask may go, under their own names (the recipe experiment compares them on validation):
+# per_module = each parameter gets its size's share of k; blocks = no embeddings, no pooler.
+MASK_VARIANTS: dict[str, dict[str, str]] = {
+    "fish_global": {"selection": "fish", "budget": "global"},  # the FISH reference's one global top-k
+    "fish_per_module": {"selection": "fish", "budget": "per_module"},
+    "fish_blocks": {"selection": "fish", "exclude_modules": OUTSIDE_BLOCKS},
+    "fish_blocks_per_module": {"selection": "fish", "exclude_modules": OUTSIDE_BLOCKS, "budget": "per_module"},
+}
 # benchmark method -> the FishIRDConfig settings that make it
-METHOD_CONFIG: dict[str, dict[str, str]] = {**{m: {"selection": m} for m in FISHIRD_METHODS}, **IRD_VARIANTS}
+METHOD_CONFIG: dict[str, dict[str, str]] = {
+    **{m: {"selection": m} for m in FISHIRD_METHODS},
+    **IRD_VARIANTS,
+    **MASK_VARIANTS,
+}
 SPARSE_METHODS = tuple(METHOD_CONFIG)
 IRD_METHODS = tuple(m for m, kw in METHOD_CONFIG.items() if kw["selection"] in IRD_SELECTIONS)
 METHODS = (*SPARSE_METHODS, "lora", "full")

@@ -9,14 +9,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-METHOD_ORDER = ("fish", "ird", "ird_reverse", "ird_random", "random", "lora", "full")
-COMPARED_TO_FISH = ("ird", "ird_reverse", "ird_random", "random", "lora")
-IRD_VARIANTS = ("ird", "ird_reverse", "ird_random")
+METHOD_ORDER = ("fish", "ird", "ird_branch", "ird_reverse", "ird_random", "random", "lora", "full")
+COMPARED_TO_FISH = ("ird", "ird_branch", "ird_reverse", "ird_random", "random", "lora")
+IRD_VARIANTS = ("ird", "ird_branch", "ird_reverse", "ird_random")
 COLOURS = {
     "fish": "C0",
     "ird": "C1",
     "ird_reverse": "C2",
     "ird_random": "C4",
+    "ird_branch": "C5",
     "random": "C7",
     "lora": "C3",
     "full": "k",
@@ -52,8 +53,9 @@ def keep_ratios(records: list[Record]) -> list[float]:
 
 
 def methods_present(records: list[Record]) -> list[str]:
+    """The methods of ``records``: the known ones in ``METHOD_ORDER``, then any others (mask variants) by name."""
     present = {r["method"] for r in records}
-    return [m for m in METHOD_ORDER if m in present]
+    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
 
 
 def group(records: list[Record]) -> dict[tuple[str, str], list[Record]]:
