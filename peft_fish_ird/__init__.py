@@ -14,6 +14,7 @@ from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError
 from .layer_types import register_layer_type
 from .masks import fish_mask, fisher_scores, shira_budget, shira_mask_fn
 from .model import FishIRDModel
+from .quantization import dequantize_bnb
 from .record import SelectionRecord
 
 register()
@@ -30,6 +31,7 @@ __all__ = [
     "SelectionRecord",
     "UnpreparedAdapterError",
     "compute_fisher",
+    "dequantize_bnb",
     "fish_mask",
     "fisher_scores",
     "get_peft_model",

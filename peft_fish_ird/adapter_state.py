@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import PREFIX
 from .layer import FishIRDLayer
+from .layer_types.bnb import packed_numel
 
 
 def fishird_layers_of(model: nn.Module, adapter_name: str) -> dict[str, FishIRDLayer]:
@@ -34,5 +35,5 @@ def count_parameters_of(model: nn.Module) -> tuple[int, int]:
     for name, param in model.named_parameters():
         if PREFIX in name or ".modules_to_save." in f".{name}":
             continue
-        total += param.numel()
+        total += packed_numel(param) or param.numel()  # a packed 4-bit weight counts its logical size
     return total, head

@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from .layer_types import describe_supported, is_supported, layer_type_for
+from .layer_types import ParamSpec, describe_supported, is_supported, layer_type_for
 
 PARAM_NAMES = ("weight", "bias")  # the per-adapter containers below; a layer type uses a subset
 
@@ -33,6 +34,15 @@ def unprepared_message(adapter_name: str) -> str:
         f"FishIRD adapter {adapter_name!r} has no sparse mask yet. Call "
         f"`peft_model.prepare(train_dataset, data_collator=collator)` after `get_peft_model` and before "
         "building the optimizer / Trainer, or load a saved adapter with `PeftModel.from_pretrained`."
+    )
+
+
+def quantized_merge_message(library: str) -> str:
+    return (
+        f"Cannot merge a FishIRD adapter into a {library} base: the merged weight would have to be re-quantized, "
+        "which rounds the sparse update away. Keep the adapter unmerged (its forward is exact), or dequantize "
+        "the base first: `peft_fish_ird.dequantize_bnb(peft_model)` swaps the quantized layers for float ones, "
+        "then `merge_and_unload()`."
     )
 
 
@@ -68,6 +78,10 @@ class FishIRDLayer(BaseTunerLayer):
         base = self.get_base_layer()
         return tuple(self.layer_type.parameters_of(base))
 
+    def param_spec(self, param_name: str) -> ParamSpec:
+        """Logical shape, dtype and device of a base parameter (a packed weight's unpacked shape)."""
+        return self.layer_type.specs_of(self.get_base_layer())[param_name]
+
     def values(self, param_name: str) -> nn.ParameterDict:
         return getattr(self, f"fishird_{param_name}_values")
 
@@ -79,9 +93,8 @@ class FishIRDLayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, inference_mode: bool = False, **kwargs: Any) -> None:
         """Add ``adapter_name`` with no entries yet (``prepare`` or a checkpoint fills them)."""
-        base = self.get_base_layer()
         for name in self.base_param_names():
-            device = getattr(base, name).device
+            device = self.param_spec(name).device
             self.values(name)[adapter_name] = nn.Parameter(torch.zeros(0, dtype=torch.float32, device=device))
             self.indices(name)[adapter_name] = torch.zeros(0, dtype=torch.int64, device=device)
         self.fishird_prepared[adapter_name] = False
@@ -119,7 +132,7 @@ class FishIRDLayer(BaseTunerLayer):
         """Hold ``adapter_name``'s values in the base parameters' dtype instead of float32 (PEFT's
         ``autocast_adapter_dtype=False``); later ``set_entries`` calls keep that dtype."""
         for name in self.base_param_names():
-            dtype, old = getattr(self.get_base_layer(), name).dtype, self.values(name)[adapter_name]
+            dtype, old = self.param_spec(name).dtype, self.values(name)[adapter_name]
             if dtype.is_floating_point and old.dtype != dtype:
                 self.values(name)[adapter_name] = nn.Parameter(old.detach().to(dtype), requires_grad=old.requires_grad)
 
@@ -129,7 +142,7 @@ class FishIRDLayer(BaseTunerLayer):
         Creates a new values Parameter (float32, or the dtype ``use_base_dtype`` chose), so an
         optimizer built before this call does not see it.
         """
-        base_param = getattr(self.get_base_layer(), param_name)
+        base_param = self.param_spec(param_name)
         indices = _checked_indices(indices, base_param.numel(), f"{param_name} of {type(self.get_base_layer())}")
         self.indices(param_name)[adapter_name] = indices.to(base_param.device)
         previous = self.values(param_name).get(adapter_name)
@@ -153,7 +166,7 @@ class FishIRDLayer(BaseTunerLayer):
                     continue
                 idx, vals = state_dict[key_i], state_dict[key_v]
                 where = f"{prefix.rstrip('.')}.{name}"
-                numel = getattr(self.get_base_layer(), name).numel()
+                numel = self.param_spec(name).numel()
                 if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1 or vals.shape != idx.shape:
                     raise ValueError(
                         f"Checkpoint entries for {where} are malformed (indices {tuple(idx.shape)} {idx.dtype}, "
@@ -173,15 +186,15 @@ class FishIRDLayer(BaseTunerLayer):
     # ----------------------------------------------------------------- delta
     def get_delta_weight(self, adapter: str, param_name: str = "weight") -> torch.Tensor:
         """Dense delta of one parameter (shape of the base parameter, its dtype)."""
-        base_param = getattr(self.get_base_layer(), param_name)
-        delta = torch.zeros(base_param.numel(), dtype=base_param.dtype, device=base_param.device)
+        spec = self.param_spec(param_name)
+        delta = torch.zeros(spec.numel(), dtype=spec.dtype, device=spec.device)
         idx = self.indices(param_name)[adapter]
-        delta.index_add_(0, idx, self.values(param_name)[adapter].to(base_param.dtype))
-        return delta.view_as(base_param)
+        delta.index_add_(0, idx, self.values(param_name)[adapter].to(spec.dtype))
+        return delta.view(spec.shape)
 
     def effective_param(self, param_name: str, adapter_names: list[str]) -> torch.Tensor:
         """``W0 + sum of the adapters' sparse deltas``, differentiable w.r.t. the values only."""
-        base_param = getattr(self.get_base_layer(), param_name)
+        base_param = self.layer_type.dense_param(self.get_base_layer(), param_name)
         flat = base_param.reshape(-1)
         for name in adapter_names:
             idx = self.indices(param_name)[name]
@@ -198,6 +211,8 @@ class FishIRDLayer(BaseTunerLayer):
                 continue
             if not self.fishird_prepared[adapter]:
                 raise UnpreparedAdapterError(unprepared_message(adapter))
+            if self.layer_type.quantized is not None:
+                raise TypeError(quantized_merge_message(self.layer_type.quantized.library))
             backups = {}
             for name in self.base_param_names():
                 base_param = getattr(self.get_base_layer(), name)
@@ -235,6 +250,13 @@ class FishIRDModule(nn.Module, FishIRDLayer):
                 f"FishIRD cannot target {type(base_layer).__name__}: supported module types are "
                 f"{describe_supported()}. Remove it from `target_modules`."
             )
+        packed = [n for n, spec in self.layer_type.specs_of(base_layer).items() if not spec.dtype.is_floating_point]
+        if packed:
+            raise TypeError(
+                f"FishIRD cannot target {type(base_layer).__name__}: its {packed} are stored as "
+                f"{getattr(base_layer, packed[0]).dtype}, a quantization FishIRD does not know. Supported quantized "
+                "bases are bitsandbytes 4-bit and 8-bit; load the model in float (or dequantize it) otherwise."
+            )
         self._active_adapter = adapter_name
         self._layout_cache: dict[str, tuple[torch.Tensor, Any]] = {}
         self.use_fast_path = True  # False: the slow obvious path (dense effective weight + autograd)
@@ -259,9 +281,17 @@ class FishIRDModule(nn.Module, FishIRDLayer):
         entry = self.layer_type
         if self.use_fast_path and len(active) == 1 and self._fast_path_applies(entry):
             return entry.fast_forward(self, x, active[0])
+        if entry.quantized is not None:  # slow path of a packed base: base(x) + x @ dense delta^T (+ b)
+            return self.base_layer(x, *args, **kwargs) + self._dense_delta_term(x, active)
         params = {name: self.effective_param(name, active) for name in self.base_param_names()}
         with _shadowing_views_replaced(self.base_layer, params):
             return functional_call(self.base_layer, params, (x, *args), kwargs)
+
+    def _dense_delta_term(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """``x @ D_w^T + D_b`` with the adapters' dense deltas (the quantized types' slow path)."""
+        names = self.base_param_names()
+        deltas = {n: sum(self.get_delta_weight(a, n).float() for a in adapters) for n in names}
+        return F.linear(x.float(), deltas["weight"], deltas.get("bias")).to(x.dtype)
 
     def _fast_path_applies(self, entry: Any) -> bool:
         """The type's fast forward covers this call: it has one, and the base weights are frozen."""

@@ -30,6 +30,7 @@ from torch import nn
 from .data import check_sequence_length, fisher_batches, move_to
 from .fisher import compute_fisher, rule_for
 from .layer_types import describe_supported, layer_type_for
+from .layer_types.bnb import packed_numel
 from .selection import select, sparse_budget, top_k_positions
 
 DEFAULT_KEEP_RATIO = 0.005
@@ -117,9 +118,9 @@ def fish_mask(
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio={keep_ratio!r}: pass the share of parameters to train, in (0, 1].")
     targets = resolve_targets(model, target_modules)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(packed_numel(p) or p.numel() for p in model.parameters())
     k = sparse_budget(total, 0, keep_ratio, head_in_budget=False)
-    candidates = sum(p.numel() for p in _target_params(targets).values())
+    candidates = sum(s.numel() for m in targets.values() for s in layer_type_for(m).specs_of(m).values())
     if k > candidates:
         raise ValueError(
             f"keep_ratio={keep_ratio} of the model's {total} parameters is k={k} entries, more than the {candidates} "

@@ -24,6 +24,7 @@ from .functional import prepare_adapter
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
 from .layer_types import describe_supported
 from .mask_init import init_data_free_mask
+from .quantization import check_quantization
 from .record import (
     SelectionRecord,
     check_record_shapes,
@@ -113,7 +114,9 @@ class FishIRDModel(BaseTuner):
         """PEFT's injection, then the data-free initial mask if the config asks for one (``mask_init``).
 
         ``low_cpu_mem_usage`` (PEFT loading a checkpoint next): the adapter stays on the meta device
-        and the checkpoint's mask is loaded into it."""
+        and the checkpoint's mask is loaded into it. A base quantized in a way FishIRD cannot adapt
+        is refused first (``quantization.check_quantization``)."""
+        check_quantization(model)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         if not low_cpu_mem_usage:
             init_data_free_mask(self, adapter_name)
@@ -272,6 +275,7 @@ def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list
     if unsupported:
         logger.warning(
             "FishIRD has no layer type for %s, so their parameters are not mask candidates (supported: %s; "
+            "the generic rule takes leaf modules whose only parameters are weight/bias, up to 2**20 entries; "
             "register a type with `peft_fish_ird.register_layer_type`).",
             ", ".join(f"{n} ({c} modules)" for n, c in sorted(unsupported.items())),
             describe_supported(),

@@ -148,7 +148,7 @@ class PrepareJob:
 
     def shapes(self) -> dict[str, torch.Size]:
         return {
-            f"{name}.{p}": getattr(module, p).shape
+            f"{name}.{p}": self.layers[name].param_spec(p).shape
             for name, module in self.targets.items()
             for p in self.layers[name].base_param_names()
         }

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .ird import IRDRound
+from .layer_types import layer_type_for
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ def check_record_shapes(model: nn.Module, record: dict[str, Any]) -> None:
             ) from None
         if isinstance(module, BaseTunerLayer):
             module = module.get_base_layer()
-        param = getattr(module, param_name, None)
+        entry = layer_type_for(module)
+        param = entry.specs_of(module).get(param_name) if entry is not None else getattr(module, param_name, None)
         if param is None or list(param.shape) != list(shape):
             raise ValueError(
                 f"The FishIRD adapter expects {key} of shape {list(shape)}, but this base model has "

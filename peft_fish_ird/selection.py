@@ -79,7 +79,7 @@ def select_global(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size.")
     reduce = all_reduce_counts if all_reduce_counts is not None else (lambda counts: counts)
-    flats = {name: s.reshape(-1) for name, s in scores.items()}
+    flats = _Flat(scores)
     total, nans = (int(c) for c in reduce(_local_sizes(flats)))
     _check_budget(k, total)
     if k >= total:
@@ -103,6 +103,22 @@ def select_global(
         left -= tied.numel()
         out[name] = keep.nonzero().squeeze(1)
     return out
+
+
+class _Flat(Mapping):
+    """``name -> score.reshape(-1)``, read on access: a lazy ``scores`` (``Restricted``) stays lazy."""
+
+    def __init__(self, scores: Mapping[str, torch.Tensor]) -> None:
+        self.scores = scores
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.scores[name].reshape(-1)
+
+    def __iter__(self):
+        return iter(self.scores)
+
+    def __len__(self) -> int:
+        return len(self.scores)
 
 
 _LOW_BITS = 0x7FFF_FFFF_FFFF_FFFF
@@ -217,19 +233,38 @@ def select(
     raise ValueError(f"budget={budget!r}: choose 'global' or 'per_module'.")
 
 
+class Restricted(Mapping):
+    """Flat float64 scores with entries outside the range at -inf (``lowest``: negated, so a top-k
+    picks the lowest-scored entries of the range), formed one parameter at a time when read.
+
+    A view, not a copy: IRD's range restriction must not add a float64 copy of every score (8
+    bytes per model parameter); ``select_global`` reads one parameter's view at a time.
+    """
+
+    def __init__(
+        self, scores: Mapping[str, torch.Tensor], ranges: Optional[Mapping[str, torch.Tensor]], lowest: bool
+    ) -> None:
+        self.scores, self.ranges, self.lowest = scores, ranges, lowest
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        flat = self.scores[name].reshape(-1).double()
+        flat = -flat if self.lowest else flat
+        if self.ranges is None:
+            return flat
+        return torch.where(self.ranges[name].reshape(-1), flat, torch.tensor(float("-inf"), dtype=torch.float64))
+
+    def __iter__(self):
+        return iter(self.scores)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
 def restrict(
     scores: Mapping[str, torch.Tensor], ranges: Optional[Mapping[str, torch.Tensor]], lowest: bool = False
-) -> dict[str, torch.Tensor]:
-    """Flat scores with entries outside the range at -inf (``lowest``: scores negated, so a top-k
-    picks the lowest-scored entries of the range)."""
-    out = {}
-    for name, score in scores.items():
-        flat = score.reshape(-1).double()
-        flat = -flat if lowest else flat
-        if ranges is not None:
-            flat = torch.where(ranges[name].reshape(-1), flat, torch.tensor(float("-inf")))
-        out[name] = flat
-    return out
+) -> Restricted:
+    """The lazy range-restricted view of ``scores`` (``Restricted``)."""
+    return Restricted(scores, ranges, lowest)
 
 
 def shrink_range(

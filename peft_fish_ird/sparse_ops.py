@@ -217,3 +217,55 @@ def sparse_delta_embedding(
     table = table.index_put((rows.row_pos, rows.col), values)
     delta = F.embedding(rows.lookup[ids], table, rows.padding_pos)
     return F.embedding(ids, weight, base.padding_idx) + delta.to(weight.dtype)
+
+
+class _SparseDeltaOnly(torch.autograd.Function):
+    """``x @ scatter(values)^T (+ bias delta)``: the sparse term alone, for a base whose weight is
+    packed (quantized) and runs its own forward. The delta is held as a CSR matrix (entries are
+    sorted row-major), so neither pass forms a dense (out x in) matrix."""
+
+    @staticmethod
+    def forward(ctx, x, pattern, w_values, b_idx, b_values):  # noqa: D401
+        delta = _delta_csr(pattern, w_values.detach().float())
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        out = torch.sparse.mm(delta, x2.t()).t()
+        if b_idx is not None:
+            out = out.index_add(1, b_idx, b_values.detach().float().expand(out.shape[0], -1))
+        ctx.save_for_backward(x, w_values, b_idx)
+        ctx.pattern = pattern
+        return out.view(*x.shape[:-1], pattern.rows).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w_values, b_idx = ctx.saved_tensors
+        pattern = ctx.pattern
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).float()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            delta_t = _delta_csr(pattern, w_values.detach().float()).t()
+            grad_x = torch.sparse.mm(delta_t, g2.t()).t().reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_w = pattern.sampled(g2, x.reshape(-1, x.shape[-1]).float()).to(w_values.dtype)
+        if b_idx is not None and ctx.needs_input_grad[4]:
+            grad_b = g2.sum(0)[b_idx].to(w_values.dtype)
+        return grad_x, None, grad_w, None, grad_b
+
+
+def _delta_csr(pattern: MatrixPattern, values: torch.Tensor) -> torch.Tensor:
+    rows = pattern.flat // pattern.cols
+    crow = torch.zeros(pattern.rows + 1, dtype=torch.int64, device=values.device)
+    crow[1:] = torch.bincount(rows, minlength=pattern.rows).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparse CSR is a beta API in torch 2.13
+        return torch.sparse_csr_tensor(crow, pattern.flat % pattern.cols, values, (pattern.rows, pattern.cols))
+
+
+def sparse_delta_only(
+    x: torch.Tensor,
+    pattern: MatrixPattern,
+    w_values: torch.Tensor,
+    b_idx: Optional[torch.Tensor],
+    b_values: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The sparse term of a quantized Linear (``pattern``'s entries must be sorted); see ``_SparseDeltaOnly``."""
+    return _SparseDeltaOnly.apply(x, pattern, w_values, b_idx, b_values)

@@ -10,11 +10,13 @@ from torch import nn
 from peft_fish_ird import FishIRDConfig
 from peft_fish_ird.fisher import compute_fisher
 from peft_fish_ird.layer_types import layer_type_for
+from peft_fish_ird.layer_types.generic import GENERIC_NAME
 from peft_fish_ird.reference import fisher_loop
 
 
 class GemmaStyleRMSNorm(nn.Module):
-    """(1 + w) * x_hat: looks like an RMSNorm but is a different function, so it must not match."""
+    """(1 + w) * x_hat: looks like an RMSNorm but is a different function, so it must not match
+    RMSNorm (the generic fallback takes it, ``test_generic_layer_type.py``)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -29,7 +31,7 @@ def test_llama_and_torch_rms_norms_are_recognised_and_lookalikes_are_not():
     llama_norm = tiny_llama().model.norm
     assert layer_type_for(llama_norm).name == "RMSNorm"
     assert layer_type_for(nn.RMSNorm(8)).name == "RMSNorm"
-    assert layer_type_for(GemmaStyleRMSNorm(8)) is None
+    assert layer_type_for(GemmaStyleRMSNorm(8)).name == GENERIC_NAME  # not RMSNorm: the generic torch.func rule
     assert layer_type_for(nn.RMSNorm(8, elementwise_affine=False)) is None  # no weight: nothing to train
 
 

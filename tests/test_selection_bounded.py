@@ -9,6 +9,7 @@ from peft_fish_ird.reference import select_global_concat
 from peft_fish_ird.selection import (
     float64_from_order_key,
     float64_order_key,
+    restrict,
     select_global,
     shrink_range,
 )
@@ -164,3 +165,30 @@ def test_shrink_range_keeps_the_highest_entries_of_the_current_range():
     assert masks["b"].tolist() == [True, False, False, False]
     lowest = shrink_range(scores, ranges, 2, lowest=True)
     assert lowest["a"].tolist() == [False, True, False, False] and lowest["b"].tolist() == [False, True, False, False]
+
+
+class CountingScores(dict):
+    """A score dict that counts how often each parameter's tensor is read."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads = 0
+
+    def __getitem__(self, name):
+        self.reads += 1
+        return super().__getitem__(name)
+
+
+def test_range_restriction_is_a_view_read_one_parameter_at_a_time():
+    g = torch.Generator().manual_seed(3)
+    scores = CountingScores({f"p{i}": torch.rand(50, generator=g, dtype=torch.float64) for i in range(4)})
+    ranges = {name: torch.rand(50, generator=g) < 0.5 for name in scores}
+    view = restrict(scores, ranges, lowest=True)
+    assert scores.reads == 0  # nothing is copied up front
+    eager = {
+        n: torch.where(ranges[n], -dict.__getitem__(scores, n), torch.tensor(float("-inf"), dtype=torch.float64))
+        for n in scores
+    }
+    for name in scores:
+        assert torch.equal(view[name], eager[name])
+    assert_same_masks(select_global(view, 30), select_global_concat(eager, 30))

@@ -133,7 +133,8 @@ def _shaped(totals: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]
     out = {}
     for key, flat in totals.items():
         module_name, param_name = key.rsplit(".", 1)
-        out[key] = flat.view(getattr(targets[module_name], param_name).shape)
+        module = targets[module_name]
+        out[key] = flat.view(layer_type_for(module).specs_of(module)[param_name].shape)
     return out
 
 

@@ -22,8 +22,8 @@ class FisherHooks:
         self.masks = {k: m.reshape(-1).float() for k, m in masks.items()}
         self.scores: dict[str, torch.Tensor] = {}
         for name, module in self.targets.items():
-            for p, param in layer_type_for(module).parameters_of(module).items():
-                self.scores[f"{name}.{p}"] = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+            for p, spec in layer_type_for(module).specs_of(module).items():
+                self.scores[f"{name}.{p}"] = torch.zeros(spec.numel(), dtype=torch.float32, device=spec.device)
         unknown = set(self.masks) - set(self.scores)
         if unknown:
             raise KeyError(f"sample_score_masks name parameters that are not targets: {sorted(unknown)}")
@@ -72,7 +72,8 @@ class FisherHooks:
                 entry = layer_type_for(module)
                 if entry.fisher_input is not None:
                     handles.append(module.register_forward_pre_hook(self._pre_hook(entry.fisher_input)))
-                handles.append(module.register_forward_hook(self._forward_hook(name, entry.fisher_rule)))
+                hook = self._forward_hook(name, entry.fisher_rule)
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
             yield self
         finally:
             for h in handles:
@@ -90,9 +91,14 @@ class FisherHooks:
     def _forward_hook(self, name: str, rule: FisherRule) -> Callable:
         sink = Sink(self, name)
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
-            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
-                raise TypeError(f"Fisher engine: {name} must take and return one tensor.")
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> Optional[torch.Tensor]:
+            one_tensor = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+            if not one_tensor or not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"Fisher engine: {name} must take one tensor argument and return one tensor (it got "
+                    f"{len(args)} positional and {sorted(kwargs)} keyword arguments): the per-sample rules see "
+                    "only that input. Exclude it from `target_modules`."
+                )
             x = args[0]
             if x.shape[0] != self.batch_size:
                 raise ValueError(

@@ -4,13 +4,15 @@ Importing this package registers the built-in types; messages list them in this 
 """
 
 # isort: off
-from . import linear, embedding, layer_norm, conv1d, rms_norm  # noqa: F401  (register the built-in types, in order)
+from . import linear, embedding, layer_norm, conv1d, rms_norm, bnb, generic  # noqa: F401  (register the built-in types, in order)
 
 # isort: on
 from .registry import (
     FisherRule,
     FisherSink,
     LayerType,
+    ParamSpec,
+    Quantized,
     describe_supported,
     is_supported,
     layer_type_for,
@@ -23,6 +25,8 @@ __all__ = [
     "FisherRule",
     "FisherSink",
     "LayerType",
+    "ParamSpec",
+    "Quantized",
     "describe_supported",
     "is_supported",
     "layer_type_for",

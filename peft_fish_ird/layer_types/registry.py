@@ -14,7 +14,14 @@ one ``@register_layer_type`` decorator (Opacus's ``grad_sample/`` layout):
 * ``fisher_input(x, batch_size)`` (optional): rewrites the module's input before the Fisher
   pass sees it, e.g. expanding a broadcast ``(1, T)`` input to the batch so samples stay apart;
 * ``param_names``: the parameters that can hold entries (default ``("weight", "bias")``);
-* ``name``: how messages call the type.
+* ``name``: how messages call the type;
+* ``quantized`` (optional): a ``Quantized`` description for a base whose weight is stored packed
+  (bitsandbytes 4/8-bit): the logical shape of each parameter, and how to dequantize it. Such a
+  layer keeps its deltas in float32 beside the packed base (forward = base(x) + sparse term),
+  and its slow path adds the dense delta to the dequantized weight; merging into it is refused.
+
+A type can be registered by its class or, for a library that should not be imported just to
+register it, by its dotted class path (``"bitsandbytes.nn.modules.Linear4bit"``).
 
 Merging is the same for every type and lives in ``layer.py``: the deltas are written into the
 flattened base parameters at their indices (exact for any parameter), and unmerge restores them
@@ -64,6 +71,28 @@ FastForward = Callable[[Any, torch.Tensor, str], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class ParamSpec:
+    """What the package needs to know of a parameter that can hold entries: its logical shape
+    (a packed 4-bit weight's unpacked shape), the dtype its deltas and merges use, its device."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """How a quantized base type exposes its packed parameters (see the module docstring)."""
+
+    spec: Callable[[nn.Module, str], ParamSpec]  # (module, parameter name) -> logical spec
+    dequantize: Callable[[nn.Module, str], torch.Tensor]  # (module, parameter name) -> float tensor
+    library: str  # for messages, e.g. "bitsandbytes 4-bit"
+
+
+@dataclass(frozen=True)
 class LayerType:
     """What the package knows about one module type (see the module docstring)."""
 
@@ -74,9 +103,13 @@ class LayerType:
     fast_path_applies: Callable[[nn.Module], bool] = lambda module: True
     fisher_input: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
     param_names: tuple[str, ...] = ("weight", "bias")
+    quantized: Optional[Quantized] = None
 
     def parameters_of(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """The module's own parameters that can hold entries, by name (``bias=None`` left out)."""
+        """The module's own parameters that can hold entries, by name (``bias=None`` left out).
+
+        As stored: a quantized type's packed weight is its packed tensor (use ``specs_of`` for
+        shapes and ``dense_param`` for values)."""
         out = {}
         for name in self.param_names:
             param = getattr(module, name, None)
@@ -84,35 +117,58 @@ class LayerType:
                 out[name] = param
         return out
 
+    def specs_of(self, module: nn.Module) -> dict[str, ParamSpec]:
+        """Logical shape, dtype and device of each parameter that can hold entries."""
+        if self.quantized is not None:
+            return {name: self.quantized.spec(module, name) for name in self.parameters_of(module)}
+        return {name: ParamSpec(p.shape, p.dtype, p.device) for name, p in self.parameters_of(module).items()}
+
+    def dense_param(self, module: nn.Module, name: str) -> torch.Tensor:
+        """The parameter's values as a dense tensor of its logical shape (dequantized if packed)."""
+        if self.quantized is not None:
+            return self.quantized.dequantize(module, name)
+        return getattr(module, name)
+
 
 _REGISTRY: dict[type, LayerType] = {}
+_BY_PATH: dict[str, LayerType] = {}  # "package.module.Class" -> entry, for types registered by path
 # (predicate, entry) for types recognised by behaviour rather than by class
 _MATCHERS: list[tuple[Callable[[nn.Module], bool], LayerType]] = []
 
 
 def register_layer_type(
-    module_type: type,
+    module_type: type | str,
     *,
     name: Optional[str] = None,
     fast_forward: Optional[FastForward] = None,
     fast_path_applies: Optional[Callable[[nn.Module], bool]] = None,
     fisher_input: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
     param_names: tuple[str, ...] = ("weight", "bias"),
+    quantized: Optional[Quantized] = None,
 ) -> Callable[[FisherRule], FisherRule]:
-    """Decorator on a Fisher rule: register ``module_type`` (replacing an earlier entry for it)."""
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"register_layer_type needs an nn.Module subclass, got {module_type!r}.")
+    """Decorator on a Fisher rule: register ``module_type`` (replacing an earlier entry for it).
+
+    ``module_type``: an ``nn.Module`` subclass, or its dotted class path (matched without importing it).
+    """
+    by_path = isinstance(module_type, str)
+    if not by_path and not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_layer_type needs an nn.Module subclass or its dotted path, got {module_type!r}.")
 
     def wrap(rule: FisherRule) -> FisherRule:
-        _REGISTRY[module_type] = LayerType(
-            name=name or module_type.__name__,
-            module_type=module_type,
+        entry = LayerType(
+            name=name or (module_type.rsplit(".", 1)[-1] if by_path else module_type.__name__),
+            module_type=nn.Module if by_path else module_type,
             fisher_rule=rule,
             fast_forward=fast_forward,
             fast_path_applies=fast_path_applies or (lambda module: True),
             fisher_input=fisher_input,
             param_names=tuple(param_names),
+            quantized=quantized,
         )
+        if by_path:
+            _BY_PATH[module_type] = entry
+        else:
+            _REGISTRY[module_type] = entry
         return rule
 
     return wrap
@@ -132,7 +188,7 @@ def layer_type_for(module: nn.Module) -> Optional[LayerType]:
     """The entry for ``module``'s class or its nearest registered base class, else the first
     matcher that accepts it; None if unsupported."""
     for cls in type(module).__mro__:
-        entry = _REGISTRY.get(cls)
+        entry = _REGISTRY.get(cls) or _BY_PATH.get(f"{cls.__module__}.{cls.__qualname__}")
         if entry is not None:
             return entry
     return next((entry for matches, entry in _MATCHERS if matches(module)), None)
@@ -145,7 +201,7 @@ def is_supported(module: nn.Module) -> bool:
 
 def supported_names() -> list[str]:
     """Names of the registered types, in registration order (for messages)."""
-    return [entry.name for entry in _REGISTRY.values()] + [entry.name for _, entry in _MATCHERS]
+    return [e.name for e in _REGISTRY.values()] + [e.name for e in _BY_PATH.values()] + [e.name for _, e in _MATCHERS]
 
 
 def describe_supported() -> str:
