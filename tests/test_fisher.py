@@ -130,9 +130,20 @@ def test_shared_module_is_refused_loudly():
         compute_fisher(model, [batch], {"lin": model.lin}, progress=False)
 
 
+class _Gain(nn.Module):
+    """A parameter named neither weight nor bias: no layer type, not even the generic one, covers it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.gain
+
+
 def test_unknown_layer_type_is_refused_loudly():
     with pytest.raises(TypeError, match="No per-sample Fisher rule"):
-        compute_fisher(nn.Conv2d(1, 1, 1), [], {"conv": nn.Conv2d(1, 1, 1)}, progress=False)
+        compute_fisher(_Gain(), [], {"gain": _Gain()}, progress=False)
 
 
 def test_unpad_sample_strips_padded_positions():
