@@ -55,18 +55,18 @@ def tiny_gpt2(seed: int = 0, num_labels: int = 2) -> GPT2ForSequenceClassificati
     return GPT2ForSequenceClassification(cfg).eval()
 
 
-def tiny_llama(seed: int = 0, tied: bool = False):
-    """A random-weight Llama causal LM (RMSNorm, no biases), tied or untied embeddings."""
+def tiny_llama(seed: int = 0, tied: bool = False, width: int = 16, heads: int = 2):
+    """A random-weight Llama causal LM (RMSNorm, no biases), tied or untied embeddings; MLP 2x ``width``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=64,
         tie_word_embeddings=tied,
         pad_token_id=PAD,

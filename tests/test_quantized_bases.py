@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import PAD, VOCAB, adapter_masks, lm_collate, lm_examples, tiny_llama
+from conftest import adapter_masks, lm_collate, lm_examples, tiny_llama
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -34,20 +34,7 @@ QUANT = {
 
 def small_llama():
     """A random Llama whose layer widths bitsandbytes' CPU inference kernel accepts (multiples of 32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed=0, width=64, heads=4)
 
 
 @pytest.fixture(scope="module")

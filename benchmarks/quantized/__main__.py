@@ -8,12 +8,15 @@ layer; FishIRD: its default targets at the same trainable count, mask from 64 sa
 (method, quantization) measurement runs in a fresh subprocess, alternating the methods round by
 round, so one method's allocations never inflate the other's. Per run:
 
+* FishIRD's mask is prepared once per quantization in its own process and saved; its training runs
+  load that adapter, so neither method's process holds memory from anything but training;
 * ``step_s``: median wall time of a training step (forward, backward, AdamW step) after 2 warm-up
   steps, batch 8 x 64 tokens of the movie sentences as causal-LM text;
-* ``train_peak_mib``: peak resident memory during the timed steps, minus the resident memory just
-  before the first step (what training adds on top of the loaded model and adapter), sampled
-  every 2 ms; ``rss_mib``: the resident memory before the first step;
-* FishIRD also reports ``prepare_s`` (its Fisher pass and selection).
+* ``train_peak_mib``: peak resident memory during the warm-up and timed steps, minus the resident
+  memory just before the first step (what training adds on top of the loaded model and adapter),
+  sampled every 2 ms; ``rss_mib``: the resident memory before the first step;
+* FishIRD also reports ``prepare_s`` and ``prepare_peak_mib`` (Fisher pass and selection, on 64
+  samples, in the prepare process).
 
 Ratios are FishIRD / LoRA within a round, then the median over rounds. Results are appended to
 ``benchmarks/results/quantized.json`` and summarised in ``quantized.md``.
@@ -27,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -67,10 +71,13 @@ class PeakSampler:
         self.peak = max(self.peak, rss_mib())
 
 
-def one_run(method: str, quant: str, steps: int) -> dict[str, Any]:
-    """Load the quantized base, build the adapter, time ``steps`` training steps (in this process)."""
+def one_run(method: str, quant: str, steps: int, adapter_dir: str) -> dict[str, Any]:
+    """Load the quantized base, build the adapter, time ``steps`` training steps (in this process).
+
+    ``method="prepare"``: FishIRD's prepare only, saved to ``adapter_dir``; ``"fishird"`` loads that
+    adapter (trainable), so its process holds no memory left from the Fisher pass."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from benchmarks.quality.models import smollm2_folder
@@ -97,15 +104,22 @@ def one_run(method: str, quant: str, steps: int) -> dict[str, Any]:
     out: dict[str, Any] = {"method": method, "quant": quant, "steps": steps}
     if method == "lora":
         model = get_peft_model(model, lora)
+    elif method == "fishird":
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     else:
         count, n_all = lora_count(model), logical_parameters(model)
         config = FishIRDConfig(task_type="CAUSAL_LM", keep_ratio=(count + 0.5) / n_all, num_samples=64)
         model = get_peft_model(model, config)  # k = int(keep_ratio * n_all) = LoRA's count
+        before = rss_mib()
         start = time.perf_counter()
-        model.prepare(
-            rows[-64:], data_collator=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]}, progress=False
-        )
+        with PeakSampler() as peak:
+            model.prepare(
+                rows[-64:], data_collator=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]}, progress=False
+            )
         out["prepare_s"] = time.perf_counter() - start
+        out["prepare_peak_mib"] = peak.peak - before
+        model.save_pretrained(adapter_dir)
+        return out
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     out["trainable"] = sum(p.numel() for p in params)
@@ -117,11 +131,11 @@ def one_run(method: str, quant: str, steps: int) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for batch in batches[:2]:
-        step(batch)
     out["rss_mib"] = rss_mib()
     times = []
     with PeakSampler() as peak:
+        for batch in batches[:2]:  # warm-up, inside the memory window: its allocations are training's
+            step(batch)
         for batch in batches[2:]:
             start = time.perf_counter()
             step(batch)
@@ -153,25 +167,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quant", choices=QUANTS, action="append", help="quantizations to run (default: all)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--one", nargs=2, metavar=("METHOD", "QUANT"), help=argparse.SUPPRESS)  # the subprocess
+    p.add_argument("--one", nargs=3, metavar=("METHOD", "QUANT", "ADAPTER_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.one:
-        print("RESULT " + json.dumps(one_run(args.one[0], args.one[1], args.steps)))
+    if args.one:  # the subprocess
+        print("RESULT " + json.dumps(one_run(*args.one[:2], args.steps, args.one[2])))
         return
     runs = []
-    for round_ in range(args.rounds):
-        for quant in args.quant or QUANTS:
-            order = METHODS if round_ % 2 == 0 else METHODS[::-1]
-            for method in order:
-                cmd = [sys.executable, "-m", "benchmarks.quantized", "--one", method, quant, "--steps", str(args.steps)]
-                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if line is None:
-                    sys.exit(f"{method} {quant} failed:\n{proc.stderr[-3000:]}")
-                run = {**json.loads(line[7:]), "round": round_}
-                print(json.dumps(run), flush=True)
-                runs.append(run)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepares = {q: subprocess_run("prepare", q, args.steps, f"{tmp}/{q}") for q in args.quant or QUANTS}
+        for round_ in range(args.rounds):
+            for quant in args.quant or QUANTS:
+                order = METHODS if round_ % 2 == 0 else METHODS[::-1]
+                for method in order:
+                    run = {**subprocess_run(method, quant, args.steps, f"{tmp}/{quant}"), "round": round_}
+                    if method == "fishird":
+                        run.update({k: v for k, v in prepares[quant].items() if k.startswith("prepare")})
+                    print(json.dumps(run), flush=True)
+                    runs.append(run)
     write(runs)
+
+
+def subprocess_run(method: str, quant: str, steps: int, adapter_dir: str) -> dict[str, Any]:
+    """``one_run`` in a fresh Python process (its memory is its own)."""
+    cmd = [sys.executable, "-m", "benchmarks.quantized", "--one", method, quant, adapter_dir, "--steps", str(steps)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{method} {quant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[7:])
 
 
 def write(runs: list[dict[str, Any]]) -> None:
@@ -197,7 +220,8 @@ def report(session: dict[str, Any]) -> str:
         "layers (PEFT's QLoRA recipe), FishIRD at the same trainable count. Each number is the median over "
         "rounds; ratios are FishIRD / LoRA within a round, then the median.",
         "",
-        "| base | method | trainable | step s | training memory MiB | resident MiB before training | prepare s |",
+        "| base | method | trainable | step s | training memory MiB | resident MiB before training | prepare s "
+        "(peak MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
     ratios = []
@@ -207,7 +231,7 @@ def report(session: dict[str, Any]) -> str:
             if not sel:
                 continue
             med = {k: statistics.median(r[k] for r in sel) for k in ("step_s", "train_peak_mib", "rss_mib")}
-            prep = f"{statistics.median(r['prepare_s'] for r in sel):.1f}" if method == "fishird" else ""
+            prep = f"{sel[0]['prepare_s']:.1f} ({sel[0]['prepare_peak_mib']:.0f})" if method == "fishird" else ""
             lines.append(
                 f"| {quant} | {method} | {sel[0]['trainable']:,} | {med['step_s']:.3f} | {med['train_peak_mib']:.0f} | "
                 f"{med['rss_mib']:.0f} | {prep} |"
