@@ -232,7 +232,7 @@ class _SparseDeltaOnly(torch.autograd.Function):
         if b_idx is not None:
             out = out.index_add(1, b_idx, b_values.detach().float().expand(out.shape[0], -1))
         ctx.save_for_backward(x, w_values, b_idx)
-        ctx.pattern = pattern
+        ctx.pattern, ctx.delta = pattern, delta  # backward's input gradient reuses this step's CSR delta
         return out.view(*x.shape[:-1], pattern.rows).to(x.dtype)
 
     @staticmethod
@@ -242,8 +242,7 @@ class _SparseDeltaOnly(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).float()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            delta_t = _delta_csr(pattern, w_values.detach().float()).t()
-            grad_x = torch.sparse.mm(delta_t, g2.t()).t().reshape(x.shape).to(x.dtype)
+            grad_x = torch.sparse.mm(ctx.delta.t(), g2.t()).t().reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[2]:
             grad_w = pattern.sampled(g2, x.reshape(-1, x.shape[-1]).float()).to(w_values.dtype)
         if b_idx is not None and ctx.needs_input_grad[4]:
