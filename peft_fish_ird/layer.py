@@ -57,8 +57,12 @@ class FishIRDLayer(BaseTunerLayer):
     adapter_layer_names = ("fishird_weight_values", "fishird_bias_values")
     other_param_names = ("fishird_weight_indices", "fishird_bias_indices", "fishird_prepared", "_trainable_intent")
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, tied: Optional[dict[str, "FishIRDLayer"]] = None, **kwargs: Any) -> None:
         self.base_layer = base_layer
+        # parameter name -> the layer holding the entries of a tensor this base shares with another
+        # targeted module (tied weights): one mask and one delta, applied at every use. A plain dict,
+        # so the owner is not registered as a submodule a second time.
+        self._tied: dict[str, FishIRDLayer] = dict(tied or {})
         self.layer_type = layer_type_for(base_layer)  # the registry's entry, looked up once
         self.fishird_weight_values = nn.ParameterDict({})
         self.fishird_bias_values = nn.ParameterDict({})
@@ -74,22 +78,41 @@ class FishIRDLayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------- structure
     def base_param_names(self) -> tuple[str, ...]:
-        """Names of the base layer's parameters that can hold entries (``weight``, maybe ``bias``)."""
+        """Names of the base layer's parameters whose entries this layer holds (``weight``, maybe
+        ``bias``): what it fills, saves, loads and merges. A tied parameter's entries are held by
+        its first use (``tied_owner``) and are left out here."""
         base = self.get_base_layer()
-        return tuple(self.layer_type.parameters_of(base))
+        return tuple(n for n in self.layer_type.parameters_of(base) if n not in self._tied)
+
+    def entry_param_names(self) -> tuple[str, ...]:
+        """Every base parameter with entries in this layer's forward, tied ones included."""
+        return tuple(self.layer_type.parameters_of(self.get_base_layer()))
+
+    def tied_owner(self, param_name: str) -> Optional["FishIRDLayer"]:
+        """The layer holding ``param_name``'s entries when the tensor is tied to another use, else None."""
+        return self._tied.get(param_name)
 
     def param_spec(self, param_name: str) -> ParamSpec:
         """Logical shape, dtype and device of a base parameter (a packed weight's unpacked shape)."""
         return self.layer_type.specs_of(self.get_base_layer())[param_name]
 
     def values(self, param_name: str) -> nn.ParameterDict:
-        return getattr(self, f"fishird_{param_name}_values")
+        """Per-adapter values of a parameter (a tied one's are its owner's: the same Parameter)."""
+        holder = self._tied.get(param_name, self)
+        return getattr(holder, f"fishird_{param_name}_values")
 
     def indices(self, param_name: str) -> BufferDict:
-        return getattr(self, f"fishird_{param_name}_indices")
+        holder = self._tied.get(param_name, self)
+        return getattr(holder, f"fishird_{param_name}_indices")
 
     def num_entries(self, adapter_name: str) -> int:
-        return sum(int(self.indices(p)[adapter_name].numel()) for p in self.base_param_names())
+        """Entries this layer's forward applies (a tied parameter's included)."""
+        return sum(int(self.indices(p)[adapter_name].numel()) for p in self.entry_param_names())
+
+    def is_prepared(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` has its mask here (and, for tied parameters, at their owner)."""
+        own = self.fishird_prepared.get(adapter_name, False) or not self.base_param_names()
+        return own and all(owner.is_prepared(adapter_name) for owner in self._tied.values())
 
     def update_layer(self, adapter_name: str, inference_mode: bool = False, **kwargs: Any) -> None:
         """Add ``adapter_name`` with no entries yet (``prepare`` or a checkpoint fills them)."""
@@ -142,6 +165,10 @@ class FishIRDLayer(BaseTunerLayer):
         Creates a new values Parameter (float32, or the dtype ``use_base_dtype`` chose), so an
         optimizer built before this call does not see it.
         """
+        if param_name in self._tied:
+            raise ValueError(
+                f"{param_name} is tied to another targeted module, which holds its entries: set them there."
+            )
         base_param = self.param_spec(param_name)
         indices = _checked_indices(indices, base_param.numel(), f"{param_name} of {type(self.get_base_layer())}")
         self.indices(param_name)[adapter_name] = indices.to(base_param.device)
@@ -209,8 +236,11 @@ class FishIRDLayer(BaseTunerLayer):
         for adapter in adapter_names:
             if adapter not in self.fishird_prepared:
                 continue
-            if not self.fishird_prepared[adapter]:
+            if not self.is_prepared(adapter):
                 raise UnpreparedAdapterError(unprepared_message(adapter))
+            for owner in self._tied.values():  # the shared tensor is written once, by its owner
+                if adapter not in owner.merged_adapters:
+                    owner.merge(safe_merge=safe_merge, adapter_names=[adapter])
             if self.layer_type.quantized is not None:
                 raise TypeError(quantized_merge_message(self.layer_type.quantized.library))
             backups = {}
@@ -237,6 +267,9 @@ class FishIRDLayer(BaseTunerLayer):
             for name, backup in backups.items():
                 flat = getattr(self.get_base_layer(), name).data.view(-1)
                 flat[self.indices(name)[adapter]] = backup
+        for owner in self._tied.values():
+            if owner.merged:
+                owner.unmerge()
 
 
 class FishIRDModule(nn.Module, FishIRDLayer):
@@ -273,7 +306,7 @@ class FishIRDModule(nn.Module, FishIRDLayer):
         active = [a for a in self.active_adapters if a in self.fishird_prepared]
         if self.training and torch.is_grad_enabled():
             for adapter in active:
-                if not self.fishird_prepared[adapter]:
+                if not self.is_prepared(adapter):
                     raise UnpreparedAdapterError(unprepared_message(adapter))
         active = [a for a in active if self.num_entries(a)]
         if not active:
@@ -283,13 +316,13 @@ class FishIRDModule(nn.Module, FishIRDLayer):
             return entry.fast_forward(self, x, active[0])
         if entry.quantized is not None:  # slow path of a packed base: base(x) + x @ dense delta^T (+ b)
             return self.base_layer(x, *args, **kwargs) + self._dense_delta_term(x, active)
-        params = {name: self.effective_param(name, active) for name in self.base_param_names()}
+        params = {name: self.effective_param(name, active) for name in self.entry_param_names()}
         with _shadowing_views_replaced(self.base_layer, params):
             return functional_call(self.base_layer, params, (x, *args), kwargs)
 
     def _dense_delta_term(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """``x @ D_w^T + D_b`` with the adapters' dense deltas (the quantized types' slow path)."""
-        names = self.base_param_names()
+        names = self.entry_param_names()
         deltas = {n: sum(self.get_delta_weight(a, n).float() for a in adapters) for n in names}
         return F.linear(x.float(), deltas["weight"], deltas.get("bias")).to(x.dtype)
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from .data import check_sequence_length, fisher_batches, move_to
 from .fisher import compute_fisher, rule_for
+from .fisher.tied import check_every_use_targeted
 from .layer_types import describe_supported, layer_type_for
 from .layer_types.bnb import packed_numel
 from .selection import select, sparse_budget, top_k_positions
@@ -120,7 +121,7 @@ def fish_mask(
     targets = resolve_targets(model, target_modules)
     total = sum(packed_numel(p) or p.numel() for p in model.parameters())
     k = sparse_budget(total, 0, keep_ratio, head_in_budget=False)
-    candidates = sum(s.numel() for m in targets.values() for s in layer_type_for(m).specs_of(m).values())
+    candidates = sum(packed_numel(p) or p.numel() for p in _target_params(targets).values())
     if k > candidates:
         raise ValueError(
             f"keep_ratio={keep_ratio} of the model's {total} parameters is k={k} entries, more than the {candidates} "
@@ -253,7 +254,7 @@ def resolve_targets(model: nn.Module, target_modules: TargetModules) -> dict[str
         )
     if not targets:
         raise ValueError(f"The model has no module with a Fisher rule ({describe_supported()}).")
-    _refuse_shared_params(targets)
+    check_every_use_targeted(model, targets)
     return targets
 
 
@@ -266,28 +267,17 @@ def _has_params(module: nn.Module) -> bool:
 
 
 def _target_params(targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """``"<module>.<weight|bias>"`` -> the parameter, for the parameters the Fisher engine scores."""
-    return {
-        f"{name}.{p}": getattr(module, p)
-        for name, module in targets.items()
-        for p in ("weight", "bias")
-        if isinstance(getattr(module, p, None), torch.Tensor)
-    }
-
-
-def _refuse_shared_params(targets: Mapping[str, nn.Module]) -> None:
-    """A tied parameter (e.g. an LM head sharing the input embedding) gets the sum of both uses'
-    gradients per sample: scoring each use apart would square the parts, not the sum."""
-    owners: dict[int, list[str]] = {}
-    for key, param in _target_params(targets).items():
-        owners.setdefault(id(param), []).append(key)
-    shared = [keys for keys in owners.values() if len(keys) > 1]
-    if shared:
-        raise ValueError(
-            f"Tied parameters {shared} are used by more than one targeted module; their per-sample gradient sums the "
-            "uses before squaring, which the Fisher rules do not do. Leave all but one of those modules out of "
-            "target_modules (e.g. the LM head)."
-        )
+    """``"<module>.<weight|bias>"`` -> the parameter, for the parameters the Fisher engine scores; a
+    tensor shared by several targets (tied weights) once, under its first use's name, as the engine
+    keys it."""
+    params: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, module in targets.items():
+        for p, tensor in layer_type_for(module).parameters_of(module).items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                params[f"{name}.{p}"] = tensor
+    return params
 
 
 def _check_counts(model: nn.Module, targets: Mapping[str, nn.Module], budget: Mapping[str, int]) -> dict[str, int]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
@@ -22,7 +23,7 @@ from .adapter_state import count_parameters_of, fishird_layers_of, head_wrappers
 from .config import PREFIX, FishIRDConfig
 from .functional import prepare_adapter
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
-from .layer_types import describe_supported
+from .layer_types import describe_supported, layer_type_for
 from .mask_init import init_data_free_mask
 from .quantization import check_quantization
 from .record import (
@@ -68,7 +69,9 @@ class FishIRDModel(BaseTuner):
 
     def _prepare_model(self, peft_config: FishIRDConfig, model: nn.Module) -> None:
         if peft_config.target_modules is None:
-            peft_config.target_modules = default_target_modules(model, peft_config.modules_to_save or [])
+            peft_config.target_modules = default_target_modules(
+                model, peft_config.modules_to_save or [], peft_config.exclude_modules
+            )
             if not peft_config.target_modules:
                 raise ValueError(
                     f"FishIRD found no supported module ({describe_supported()}) outside `modules_to_save`; pass "
@@ -78,6 +81,7 @@ class FishIRDModel(BaseTuner):
             check_targets_match(model, peft_config)
         if peft_config.selection_record is not None:
             check_record_shapes(model, peft_config.selection_record)
+        self._shared_tensors = shared_tensor_users(model)
 
     def _create_and_replace(
         self,
@@ -92,16 +96,53 @@ class FishIRDModel(BaseTuner):
         if isinstance(target, FishIRDLayer):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode)
             return
-        check_not_shared(self.model, target, current_key)
         if not is_supported_layer(target):
             raise TypeError(
                 f"target_modules matched {current_key!r} ({type(target).__name__}), which FishIRD cannot adapt: "
                 f"supported are {describe_supported()}. Narrow `target_modules`."
             )
-        new_module = FishIRDModule(target, adapter_name, inference_mode=peft_config.inference_mode)
+        tied = self._tied_owners(peft_config, target, current_key)
+        new_module = FishIRDModule(target, adapter_name, inference_mode=peft_config.inference_mode, tied=tied)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _tied_owners(self, peft_config: FishIRDConfig, target: nn.Module, key: str) -> dict[str, FishIRDLayer]:
+        """For each parameter of ``target`` that another module also holds (tied weights): the layer
+        already holding its entries, if that module was adapted first. The first use adapted owns
+        the one mask and delta; later uses apply it (``FishIRDLayer.values`` reads the owner's).
+
+        A shared tensor whose other use is not targeted is refused: the delta would apply at one
+        use, and a merge (which writes the shared tensor) would change the other."""
+        shared = getattr(self, "_shared_tensors", None) or shared_tensor_users(self.model)
+        owners: dict[str, FishIRDLayer] = {}
+        for param_name, tensor in layer_type_for(target).parameters_of(target).items():
+            for other in shared.get(id(tensor), []):
+                if other == key:
+                    continue
+                module = self.model.get_submodule(other)
+                if isinstance(module, FishIRDLayer):
+                    owner = module.tied_owner(param_name) or module
+                    if getattr(owner.get_base_layer(), param_name, None) is not tensor:
+                        raise ValueError(
+                            f"FishIRD cannot tie {key!r}'s {param_name} to {other!r}: the shared tensor has another "
+                            "name there. Leave one of the two out of `target_modules`."
+                        )
+                    owners[param_name] = owner
+                    continue
+                will_adapt = self._check_target_module_exists(peft_config, other)
+                if not will_adapt or isinstance(will_adapt, _ExcludedModule) or not is_supported_layer(module):
+                    raise ValueError(
+                        f"FishIRD cannot target {key!r} alone: its {param_name} is shared with {other!r} (tied "
+                        "weights), which is not targeted, so a sparse delta would apply at one use and a merge would "
+                        f"change both. Target both (add {other!r} to `target_modules`; the default targets do) or "
+                        "neither."
+                    )
+        return owners
+
+    def _check_merge_allowed(self) -> None:
+        """PEFT warns on merging adapters of tied modules; FishIRD's are exact: a tied tensor has one
+        delta, written once, and stays tied (a use left untargeted is refused at injection)."""
 
     def inject_adapter(
         self,
@@ -132,7 +173,9 @@ class FishIRDModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         layers_ready = all(
-            m.fishird_prepared.get(adapter_name, True) for m in model.modules() if isinstance(m, FishIRDLayer)
+            m.is_prepared(adapter_name)
+            for m in model.modules()
+            if isinstance(m, FishIRDLayer) and adapter_name in m.fishird_prepared
         )
         if getattr(config, "selection_record", None) is None or not layers_ready:
             raise UnpreparedAdapterError(unprepared_message(adapter_name))
@@ -246,16 +289,18 @@ class FishIRDModel(BaseTuner):
         )
 
 
-def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list[str]:
-    """Every supported module outside the head - what the FISH reference ranks.
+def default_target_modules(
+    model: nn.Module, modules_to_save: list[str], exclude_modules: Optional[str | list[str] | set[str]] = None
+) -> list[str]:
+    """Every supported module outside the head and ``exclude_modules`` - what the FISH reference ranks.
 
-    Modules whose parameters are shared with another candidate (tied embeddings) are left out: the
-    per-sample gradient of a shared weight sums over its uses before squaring, which the per-layer
-    rules do not compute.
+    A tensor shared by several modules (tied embeddings and output head) is a candidate once: its
+    uses are all targeted and share one mask (``FishIRDLayer`` ties them). If one of its uses
+    cannot be adapted (an unsupported type, inside the head, or excluded, e.g. TRL's
+    ``exclude_modules=["lm_head"]``), the others are left out too, with a warning naming them.
     """
     names: list[str] = []
     skip_under: list[str] = []
-    owners: dict[int, list[str]] = {}
     unsupported: dict[str, int] = {}
     for name, module in model.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in skip_under):
@@ -267,9 +312,8 @@ def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list
         if isinstance(module, BaseTunerLayer):
             skip_under.append(name)
         if is_supported_layer(base):
-            names.append(name)
-            for p in base.parameters(recurse=False):
-                owners.setdefault(id(p), []).append(name)
+            if not _excluded(name, exclude_modules):
+                names.append(name)
         elif any(True for _ in base.parameters(recurse=False)):
             unsupported[type(base).__name__] = unsupported.get(type(base).__name__, 0) + 1
     if unsupported:
@@ -280,31 +324,39 @@ def default_target_modules(model: nn.Module, modules_to_save: list[str]) -> list
             ", ".join(f"{n} ({c} modules)" for n, c in sorted(unsupported.items())),
             describe_supported(),
         )
-    tied = {n for group in owners.values() if len(group) > 1 for n in group}
-    if tied:
-        logger.warning("FishIRD leaves out modules with tied weights: %s", sorted(tied))
-    return [n for n in names if n not in tied]
+    chosen = set(names)
+    left_out = {
+        name
+        for users in shared_tensor_users(model).values()
+        if not all(u in chosen for u in users)
+        for name in users
+        if name in chosen
+    }
+    if left_out:
+        logger.warning(
+            "FishIRD leaves out %s: they share a tensor (tied weights) with a module it cannot adapt here or that "
+            "is excluded, and a delta at one use only would change the other at merge.",
+            sorted(left_out),
+        )
+    return [n for n in names if n not in left_out]
 
 
-def check_not_shared(model: nn.Module, target: nn.Module, target_name: str) -> None:
-    """Refuse a target whose weight another module also uses (tied embeddings and output head).
-
-    The sparse delta would apply at one use only, and merging would write it into the shared tensor,
-    changing every use: the merged model would silently differ from the adapter.
-    """
-    mine = {id(p): n for n, p in target.named_parameters(recurse=False)}
-    if not mine:
-        return
+def shared_tensor_users(model: nn.Module) -> dict[int, list[str]]:
+    """``id(tensor)`` -> names of the modules holding it as their own parameter, for tensors held by
+    two or more modules (tied weights). PEFT's wrappers are looked through to their base layers,
+    which are named as the wrapper (the name ``target_modules`` matches)."""
+    users: dict[int, list[str]] = {}
     for name, module in model.named_modules():
-        if module is target or isinstance(module, BaseTunerLayer):
+        if isinstance(module, BaseTunerLayer):
             continue
-        for param in module.parameters(recurse=False):
-            if id(param) in mine:
-                raise ValueError(
-                    f"FishIRD cannot target {target_name!r}: its {mine[id(param)]} is shared with {name!r} (tied "
-                    "weights), so a sparse delta would apply at one use and a merge would change both. Leave it out "
-                    "of `target_modules` (the default targets already do), or untie the weights first."
-                )
+        owner = name
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "base_layer" and isinstance(model.get_submodule(parent) if parent else model, BaseTunerLayer):
+            owner = parent
+        for tensor in module.parameters(recurse=False):
+            if owner not in users.setdefault(id(tensor), []):
+                users[id(tensor)].append(owner)
+    return {key: names for key, names in users.items() if len(names) > 1}
 
 
 def check_targets_match(model: nn.Module, config: FishIRDConfig) -> None:
@@ -318,6 +370,15 @@ def check_targets_match(model: nn.Module, config: FishIRDConfig) -> None:
         f"target_modules={config.target_modules!r} matches no module of this model. Supported modules here end in: "
         f"{supported}. Use such names (suffixes match), a regex, or leave target_modules=None for all of them."
     )
+
+
+def _excluded(name: str, exclude_modules: Optional[str | list[str] | set[str]]) -> bool:
+    """PEFT's ``exclude_modules`` semantics: a regex matched in full, or names matched as suffixes."""
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, name) is not None
+    return _matches(name, list(exclude_modules))
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

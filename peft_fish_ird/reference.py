@@ -69,12 +69,14 @@ def fisher_loop(
 ) -> FisherResult:
     """Batch-size-1 Fisher (same contract and result as ``fisher.compute_fisher``)."""
     loss_fn = loss_fn or per_sample_losses
-    named = {
-        f"{name}.{p}": getattr(module, p)
-        for name, module in targets.items()
-        for p in ("weight", "bias")  # the oracle scores any module's own weight and bias
-        if isinstance(getattr(module, p, None), torch.Tensor)
-    }
+    named: dict[str, torch.Tensor] = {}
+    for name, module in targets.items():
+        for p in ("weight", "bias"):  # the oracle scores any module's own weight and bias
+            tensor = getattr(module, p, None)
+            # a tensor shared by several targets (tied weights) once, under its first use's name:
+            # autograd's gradient of it already sums the uses
+            if isinstance(tensor, torch.Tensor) and all(t is not tensor for t in named.values()):
+                named[f"{name}.{p}"] = tensor
     masks = {k: v.bool() for k, v in (sample_score_masks or {}).items()}
     scores = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in named.items()}
     sample_scores: list[float] = []

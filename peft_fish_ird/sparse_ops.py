@@ -7,7 +7,12 @@ gradient is ``(A^T B)[r_e, c_e]`` (Linear: A = grad_out, B = x; Conv1D: A = x, B
 formed only where needed: per layer, the cheapest of a dense product plus a gather, a product
 over only the rows or columns that hold entries plus a gather (Fisher masks cluster in few
 columns), or a sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm``) evaluated
-only at the selected positions; ``choose_strategy`` decides from the pattern's shape.
+only at the selected positions. Which one is fastest depends on the machine, so by default the
+first backward pass of each pattern times every candidate on its real operands and keeps the
+fastest (an autotune, cached by shape, entry counts, token count and device: similar layers are
+timed once). ``FISHIRD_AUTOTUNE=0`` falls back to ``choose_strategy``, a cost model fitted on one
+CPU: deterministic, but it picked the fastest way for only 27 of 37 layers on another machine.
+The strategies agree up to float rounding, so with the autotune two runs may differ by rounding.
 The custom function saves x and the step's effective weight (needed for the input gradient).
 
 Embedding: ``W0[ids] + D[pos(ids)]`` where D is a compact table holding only the rows that
@@ -19,6 +24,9 @@ tests compare these against.
 
 from __future__ import annotations
 
+import math
+import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,6 +41,24 @@ SDDMM_COST_PER_ENTRY = 3.0  # sampled_addmm: per selected entry
 SDDMM_COST_PER_LINE = 110.0  # sampled_addmm: per row of the larger dimension (a transposed copy, CSR walk)
 SUBSET_COST_FACTOR = 1.3  # a product over gathered rows/columns, plus the gather of its result
 STRATEGIES = ("dense", "rows", "cols", "sddmm")
+AUTOTUNE_ENV = "FISHIRD_AUTOTUNE"  # "0": no timing, the cost model chooses
+AUTOTUNE_STRATEGY = "auto"  # a pattern whose strategy is timed at its first use
+_TUNED: dict[tuple, str] = {}  # autotune cache: pattern key -> fastest strategy
+
+
+def autotune_enabled() -> bool:
+    """Whether patterns built without a strategy are autotuned (``FISHIRD_AUTOTUNE`` is not ``"0"``)."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
+
+
+def clear_autotune_cache() -> None:
+    """Forget the autotune's choices (the next pattern of every kind is timed again)."""
+    _TUNED.clear()
+
+
+def _bucket(n: int) -> int:
+    """``n`` on a quarter-octave scale: patterns this close share an autotune choice."""
+    return -1 if n <= 0 else round(4 * math.log2(n))
 
 
 def gradient_costs(k: int, rows: int, cols: int, used_rows: int, used_cols: int) -> dict[str, float]:
@@ -77,16 +103,29 @@ class MatrixPattern:
     crow: Optional[torch.Tensor] = field(default=None, repr=False)
     col: Optional[torch.Tensor] = field(default=None, repr=False)
     order: Optional[torch.Tensor] = field(default=None, repr=False)
+    used: tuple[int, int] = (0, 0)  # rows and columns that hold entries
+    timings: Optional[dict[str, float]] = field(default=None, repr=False)  # the autotune's seconds, if it timed
 
     @classmethod
     def build(cls, flat: torch.Tensor, rows: int, cols: int, strategy: Optional[str] = None) -> "MatrixPattern":
+        """The layout for ``strategy``; ``None``: autotuned at first use (``FISHIRD_AUTOTUNE=0``:
+        the cost model's choice now)."""
         r, c = flat // cols, flat % cols
         used_rows, row_pos = torch.unique(r, return_inverse=True)
         used_cols, col_pos = torch.unique(c, return_inverse=True)
+        used = (used_rows.numel(), used_cols.numel())
         if strategy is None:
-            strategy = choose_strategy(flat.numel(), rows, cols, used_rows.numel(), used_cols.numel())
+            if autotune_enabled():
+                return cls(flat, rows, cols, AUTOTUNE_STRATEGY, used=used)
+            strategy = choose_strategy(flat.numel(), rows, cols, *used)
         elif strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGIES}.")
+        pattern = cls._layout(flat, rows, cols, strategy, r, c, used_rows, row_pos, used_cols, col_pos)
+        pattern.used = used
+        return pattern
+
+    @classmethod
+    def _layout(cls, flat, rows, cols, strategy, r, c, used_rows, row_pos, used_cols, col_pos) -> "MatrixPattern":
         if strategy == "dense":
             return cls(flat, rows, cols, strategy, gather=flat)
         if strategy == "rows":
@@ -103,8 +142,41 @@ class MatrixPattern:
         crow[1:] = torch.bincount(lead, minlength=n_lead).cumsum(0)
         return cls(flat, rows, cols, strategy, transposed=transposed, crow=crow, col=other.contiguous(), order=order)
 
+    def autotune_key(self, tokens: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        """What an autotune choice is cached under: the shape exactly, entry and used-line counts and
+        the token count on a quarter-octave scale, the device type and the dtype."""
+        k = self.flat.numel()
+        return (self.rows, self.cols, _bucket(k), *(_bucket(u) for u in self.used), _bucket(tokens), device.type, dtype)
+
+    def tune(self, a: torch.Tensor, b: torch.Tensor) -> str:
+        """Choose the strategy of an ``"auto"`` pattern: time each candidate on these operands (one
+        warm-up call, then the better of two timed calls) unless a similar pattern already chose;
+        become that layout. Returns the choice."""
+        key = self.autotune_key(a.shape[0], a.device, a.dtype)
+        candidates = {s: MatrixPattern.build(self.flat, self.rows, self.cols, s) for s in STRATEGIES}
+        choice = _TUNED.get(key)
+        if choice is None:
+            timings = {s: math.inf for s in STRATEGIES}
+            for repeat in range(3):
+                for name, pattern in candidates.items():
+                    _synchronize(a.device)
+                    start = time.perf_counter()
+                    pattern.sampled(a, b)
+                    _synchronize(a.device)
+                    if repeat:  # the first round warms caches and kernels up
+                        timings[name] = min(timings[name], time.perf_counter() - start)
+            choice = min(STRATEGIES, key=lambda name: timings[name])
+            _TUNED[key] = choice
+            self.timings = timings
+        chosen = candidates[choice]
+        for f in ("strategy", "sub", "gather", "transposed", "crow", "col", "order"):
+            setattr(self, f, getattr(chosen, f))
+        return choice
+
     def sampled(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``(a^T b)`` at the pattern's entries, in ``flat`` order; a: (N, rows), b: (N, cols), float32."""
+        if self.strategy == AUTOTUNE_STRATEGY:
+            self.tune(a, b)
         if self.strategy == "dense":
             return (a.t() @ b).reshape(-1)[self.gather]
         if self.strategy == "rows":
@@ -167,6 +239,11 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         if b_idx is not None and ctx.needs_input_grad[6]:
             grad_b = g2.float().sum(0)[b_idx].to(w_values.dtype)
         return grad_x, None, None, None, grad_w, None, grad_b, None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _effective(param: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, make_examples, pad_collate, tiny_bert, tiny_gpt2
+from conftest import VOCAB, lm_collate, lm_examples, make_examples, pad_collate, tiny_bert, tiny_gpt2
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from peft_fish_ird import fish_mask, fisher_scores, shira_budget, shira_mask_fn
@@ -150,11 +150,18 @@ def test_data_without_labels_is_refused():
         fisher_scores(tiny_bert(), unlabelled, **{**DRAW, "data_collator": collate})
 
 
-def test_tied_lm_head_is_refused_with_the_fix():
+def test_tied_gpt2_lm_head_is_scored_once_summing_both_uses_like_the_batch_size_one_loop():
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32))
-    with pytest.raises(ValueError, match="Tied parameters"):
-        fisher_scores(model, make_examples(4), **DRAW)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    examples = lm_examples(8)
+    scores = fisher_scores(model, examples, data_collator=lm_collate, num_samples=8, batch_size=4, progress=False)
+    assert "transformer.wte.weight" in scores and "lm_head.weight" not in scores
+    drawn = fisher_batches(examples, model=model, num_samples=8, seed=0, batch_size=1, data_collator=lm_collate)
+    targets = {n: m for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    slow = fisher_loop(model, drawn.batches, targets)
+    torch.testing.assert_close(
+        scores["transformer.wte.weight"].float(), slow.scores["transformer.wte.weight"], rtol=1e-4, atol=1e-9
+    )
 
 
 def test_shira_adapter_from_a_fish_mask_saves_and_reloads_its_entries(tmp_path):

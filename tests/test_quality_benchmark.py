@@ -387,3 +387,41 @@ def test_grids_must_have_the_same_size_for_every_method():
     exp.settings["train"]["lr"]["lora"] = [0.001, 0.002]
     with pytest.raises(BenchmarkError, match="same size"):
         validate_experiment(exp)
+
+
+# ------------------------------------------------------------------------------------------ causal-LM head
+def test_smollm2_lm_profile_scores_the_answer_token_and_tunes_every_rate_on_three_seeds():
+    profile = load_profile(DEFAULT_CONFIG, "smollm2_lm")
+    (exp,) = apply_flags(profile, parse_args(["--profile", "smollm2_lm"]))
+    assert exp.model_spec == {"source": "smollm2", "head": "lm"} and exp.settings["lm"]["answers"] == [
+        " negative",
+        " positive",
+    ]
+    cells = [c for c, _ in plan([exp])]
+    assert {c.method for c in cells} == {"fish", "ird", "lora"}
+    assert {c.seed for c in cells if c.phase != GRID_PHASE} == {0, 1, 2}
+    assert len([c for c in cells if c.phase == GRID_PHASE]) == 9
+
+
+def test_lm_head_needs_a_prompt_with_the_text_and_two_answers():
+    profile = load_profile(DEFAULT_CONFIG, "smollm2_lm")
+    (exp,) = profile.experiments
+    exp.settings["lm"]["prompt"] = "no placeholder"
+    with pytest.raises(BenchmarkError, match="prompt template holding"):
+        validate_experiment(exp)
+    exp.model_spec["head"] = "seq2seq"
+    with pytest.raises(BenchmarkError, match="head 'seq2seq' is not one of"):
+        validate_experiment(exp)
+
+
+def test_choice_logits_read_the_answer_tokens_at_the_prompts_end():
+    import torch
+
+    from benchmarks.quality.run import choice_logits
+
+    choices = [7, 3]  # class 0 says token 7, class 1 token 3
+    labels = torch.tensor([[-100, -100, 3, -100], [-100, 7, -100, -100]])  # right-padded rows
+    logits = torch.randn(2, 4, 10)
+    picked, gold = choice_logits(logits, labels, choices)
+    assert gold.tolist() == [1, 0]
+    assert torch.equal(picked[0], logits[0, 1, [7, 3]]) and torch.equal(picked[1], logits[1, 0, [7, 3]])

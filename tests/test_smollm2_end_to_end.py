@@ -80,6 +80,8 @@ def test_smollm2_dequantize_prepare_train_generate_merge_save_load(tmp_path):
         model, config, train_dataset=examples, data_collator=collate, prepare_kwargs={"progress": False}
     )
     assert model.selection.k > 0
+    assert "model.embed_tokens.weight" in model.selection.shapes  # the tied embedding / lm_head: one candidate
+    assert "lm_head.weight" not in model.selection.shapes
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, learning_rate=1e-3, max_steps=3,
         report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
@@ -108,3 +110,4 @@ def test_smollm2_dequantize_prepare_train_generate_merge_save_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(merged.generate(**prompt, **gen), generated)
         assert torch.allclose(merged(**inputs).logits, logits, atol=1e-4)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight  # merged once, still tied

@@ -1,5 +1,7 @@
 """Fast sparse-delta forward/backward equals the slow obvious path (dense effective weight + autograd)."""
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -60,6 +62,7 @@ CASES = [
 @pytest.mark.parametrize("strategy", sparse_ops.STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_matmul_fast_path_matches_reference(name, make, shape, density, strategy, dtype, monkeypatch):
+    monkeypatch.setenv(sparse_ops.AUTOTUNE_ENV, "0")  # the cost model decides: force each strategy through it
     monkeypatch.setattr(sparse_ops, "choose_strategy", lambda *args: strategy)
     layer = _module(make().to(dtype), density)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -88,6 +91,7 @@ def test_embedding_fast_path_matches_reference(dtype):
 
 def test_fast_path_never_forms_a_dense_weight_gradient(monkeypatch):
     """The SDDMM path computes only the selected entries (no (out x in) gradient product)."""
+    monkeypatch.setenv(sparse_ops.AUTOTUNE_ENV, "0")  # the cost model picks SDDMM here (the autotune times all)
     layer = _module(nn.Linear(256, 512), 0.001)
     calls = []
     original = torch.Tensor.__matmul__
@@ -138,9 +142,11 @@ def _clustered_columns(rows, cols, used_cols, per_col, seed=0):
     return flat.sort().values
 
 
-def test_gradient_strategy_follows_where_the_entries_sit():
-    """Column-clustered masks (BERT's outlier features) get a product over those columns only;
-    scattered sparse masks get SDDMM; dense masks the full product; the transpose picks rows."""
+def test_gradient_strategy_follows_where_the_entries_sit(monkeypatch):
+    """The cost model (the fallback without the autotune): column-clustered masks (BERT's outlier
+    features) get a product over those columns only; scattered sparse masks get SDDMM; dense masks
+    the full product; the transpose picks rows."""
+    monkeypatch.setenv(sparse_ops.AUTOTUNE_ENV, "0")
     clustered = _clustered_columns(384, 384, used_cols=4, per_col=100)
     assert sparse_ops.MatrixPattern.build(clustered, 384, 384).strategy == "cols"
     rows_clustered = (clustered % 384) * 384 + clustered // 384
@@ -168,3 +174,46 @@ def test_subset_strategies_match_the_dense_gather_on_clustered_masks(strategy):
     a, b = torch.randn(30, shape[0], generator=g), torch.randn(30, shape[1], generator=g)
     fast = sparse_ops.MatrixPattern.build(flat, *shape, strategy=strategy).sampled(a, b)
     assert torch.allclose(fast, (a.t() @ b).reshape(-1)[flat], rtol=1e-5, atol=1e-6)
+
+
+def _operands(rows, cols, tokens=64, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, rows, generator=g), torch.randn(tokens, cols, generator=g)
+
+
+def test_autotune_times_every_strategy_once_keeps_the_fastest_and_caches_it(monkeypatch):
+    sparse_ops.clear_autotune_cache()
+    flat = _clustered_columns(96, 80, used_cols=5, per_col=9)
+    pattern = sparse_ops.MatrixPattern.build(flat, 96, 80)
+    assert pattern.strategy == sparse_ops.AUTOTUNE_STRATEGY
+    original = sparse_ops.MatrixPattern.sampled
+
+    def slow_unless_cols(self, a, b):  # make "cols" the fastest, whatever this machine's real speeds
+        if self.strategy not in ("cols", sparse_ops.AUTOTUNE_STRATEGY):
+            time.sleep(0.004)
+        return original(self, a, b)
+
+    monkeypatch.setattr(sparse_ops.MatrixPattern, "sampled", slow_unless_cols)
+    a, b = _operands(96, 80)
+    got = pattern.sampled(a, b)
+    assert pattern.strategy == "cols" and set(pattern.timings) == set(sparse_ops.STRATEGIES)
+    assert torch.allclose(got, (a.t() @ b).reshape(-1)[flat], rtol=1e-5, atol=1e-5)
+    twin = sparse_ops.MatrixPattern.build(flat, 96, 80)  # the same kind of pattern: no second timing
+    twin.sampled(a, b)
+    assert twin.strategy == "cols" and twin.timings is None
+
+
+def test_autotune_off_uses_the_cost_model(monkeypatch):
+    monkeypatch.setenv(sparse_ops.AUTOTUNE_ENV, "0")
+    flat = _clustered_columns(384, 384, used_cols=4, per_col=100)
+    assert sparse_ops.MatrixPattern.build(flat, 384, 384).strategy == "cols"
+
+
+@pytest.mark.parametrize("name, make, shape", CASES, ids=[c[0] for c in CASES])
+def test_autotuned_fast_path_matches_reference(name, make, shape):
+    sparse_ops.clear_autotune_cache()
+    layer = _module(make(), 0.05)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    fast, slow = _run(layer, x, True), _run(layer, x, False)
+    for key in slow[2]:
+        assert _close(fast[2][key], slow[2][key], 1e-5), key

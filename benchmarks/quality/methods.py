@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
 from benchmarks.quality.models import trainable_count
-from benchmarks.quality.plan import IRD_METHODS, METHOD_CONFIG, BenchmarkError, Cell, Experiment
+from benchmarks.quality.plan import IRD_METHODS, METHOD_CONFIG, BenchmarkError, Cell, Experiment, task_type_of
 from benchmarks.quality.tasks import TaskData
 from peft_fish_ird import FishIRDConfig
 
@@ -25,7 +25,7 @@ class LoraOption:
     head: int
 
 
-def lora_options(base: Any, target_sets: Optional[list[Any]]) -> list[LoraOption]:
+def lora_options(base: Any, target_sets: Optional[list[Any]], task_type: str = "SEQ_CLS") -> list[LoraOption]:
     """Per-rank and head counts of each candidate target set, measured by building LoRA at r=1 and r=2."""
     if not target_sets:
         default = DEFAULTS.get(base.config.model_type)
@@ -34,7 +34,8 @@ def lora_options(base: Any, target_sets: Optional[list[Any]]) -> list[LoraOption
     for targets in target_sets:
         counts = []
         for r in (1, 2):
-            model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=r, target_modules=targets))
+            config = LoraConfig(task_type=task_type, r=r, target_modules=targets)
+            model = get_peft_model(copy.deepcopy(base), config)
             counts.append(trainable_count(model))
             del model
         per_rank = counts[1] - counts[0]
@@ -70,7 +71,7 @@ def build_fishird(base: Any, cell: Cell, exp: Experiment, data: TaskData) -> tup
     """FishIRD adapter prepared with the cell's selection; returns the model and what the selection did."""
     s = exp.settings
     config = FishIRDConfig(
-        task_type="SEQ_CLS",
+        task_type=task_type_of(exp),
         keep_ratio=cell.keep_ratio,
         seed=cell.seed,
         **{**s["fish"], **s["ird"], **METHOD_CONFIG[cell.method]},  # the method's own settings win
@@ -109,7 +110,7 @@ def build_lora(base: Any, cell: Cell, exp: Experiment, options: list[LoraOption]
     option, rank, expected = match_lora(budget, options)
     lora = exp.settings["lora"]
     config = LoraConfig(
-        task_type="SEQ_CLS",
+        task_type=task_type_of(exp),
         r=rank,
         lora_alpha=lora["alpha_over_r"] * rank,
         lora_dropout=lora["dropout"],

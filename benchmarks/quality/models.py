@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from benchmarks.common import wheel_member
 from benchmarks.quality.plan import SMOLLM2_PACKAGE, BenchmarkError
@@ -76,9 +76,14 @@ def load_tokenizer(location: str) -> Any:
     return tokenizer
 
 
-def load_model(location: str, num_labels: int, tokenizer: Any, seed: int, device: str) -> Any:
-    """A fresh sequence classifier; the seed fixes the new head's initialisation."""
+def load_model(location: str, num_labels: int, tokenizer: Any, seed: int, device: str, head: str = "classifier") -> Any:
+    """A fresh sequence classifier (the seed fixes the new head's initialisation), or with
+    ``head="lm"`` the causal LM as it is (it answers with its next token; nothing new is drawn)."""
     torch.manual_seed(seed)
+    if head == "lm":
+        model = AutoModelForCausalLM.from_pretrained(location)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model.to(device)
     model = AutoModelForSequenceClassification.from_pretrained(location, num_labels=num_labels)
     model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
     return model.to(device)

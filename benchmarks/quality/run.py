@@ -19,13 +19,28 @@ import numpy as np
 import peft
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 import peft_fish_ird
 from benchmarks.quality.methods import LoraOption, build_fishird, build_full, build_lora, lora_options
 from benchmarks.quality.models import load_model, load_tokenizer, model_location
-from benchmarks.quality.plan import SPARSE_METHODS, BenchmarkError, Cell, Experiment
-from benchmarks.quality.tasks import TaskData, encode, glue_splits, num_labels_of, offline_splits
+from benchmarks.quality.plan import SPARSE_METHODS, BenchmarkError, Cell, Experiment, head_of, task_type_of
+from benchmarks.quality.tasks import (
+    TaskData,
+    answer_tokens,
+    encode,
+    encode_lm,
+    glue_splits,
+    num_labels_of,
+    offline_splits,
+)
 
 logger = logging.getLogger("quality")
 
@@ -66,21 +81,31 @@ class Context:
             data = exp.settings["data"]
             parts = glue_splits(task, data) if task.startswith("glue/") else offline_splits(task, data)
             tok = self.tokenizer(exp)
-            enc = {name: encode(tok, rows, data["max_length"]) for name, rows in parts.items()}
+            if head_of(exp) == "lm":
+                lm = exp.settings["lm"]
+                enc = {
+                    n: encode_lm(tok, rows, data["max_length"], lm["prompt"], lm["answers"])
+                    for n, rows in parts.items()
+                }
+                collator, choices = DataCollatorForSeq2Seq(tok, padding=True), answer_tokens(tok, lm["answers"])
+            else:
+                enc = {name: encode(tok, rows, data["max_length"]) for name, rows in parts.items()}
+                collator, choices = DataCollatorWithPadding(tok), None
             self.data[key] = TaskData(
                 enc["train"],
                 enc["selection"],
                 enc["test"],
-                DataCollatorWithPadding(tok),
+                collator,
                 num_labels_of(task),
                 enc.get("validation"),
+                choices,
             )
         return self.data[key]
 
     def lora_options(self, exp: Experiment, base: Any, num_labels: int) -> list[LoraOption]:
         key = (exp.settings_id, str(num_labels))
         if key not in self.lora:
-            self.lora[key] = lora_options(base, exp.settings["lora"]["target_sets"])
+            self.lora[key] = lora_options(base, exp.settings["lora"]["target_sets"], task_type_of(exp))
         return self.lora[key]
 
     def build(self, cell: Cell, exp: Experiment, data: TaskData) -> tuple[Any, dict[str, Any]]:
@@ -93,7 +118,8 @@ class Context:
         ident = (cell.group, cell.seed)
         if self.built is None or self.built[0] != ident:
             self.built = None  # free the previous copy before building the next
-            base = load_model(self.location(exp), data.num_labels, self.tokenizer(exp), cell.seed, self.device)
+            location, tokenizer = self.location(exp), self.tokenizer(exp)
+            base = load_model(location, data.num_labels, tokenizer, cell.seed, self.device, head_of(exp))
             if cell.method in SPARSE_METHODS:
                 model, info = build_fishird(base, cell, exp, data)
             elif cell.method == "lora":
@@ -109,16 +135,23 @@ class ValidationCurve(TrainerCallback):
     """Validation accuracy every ``every`` optimizer steps and after the last: ``points = [[step, accuracy], ...]``.
 
     ``final`` keeps the metrics of the evaluation after the last step (the trained model's validation score).
+    With ``at_start``, also the untrained model's (step 0: every method starts from the base model).
     """
 
-    def __init__(self, data: TaskData, every: int, batch_size: int) -> None:
-        self.data, self.every, self.batch_size = data, every, batch_size
+    def __init__(self, data: TaskData, every: int, batch_size: int, at_start: bool = False) -> None:
+        self.data, self.every, self.batch_size, self.at_start = data, every, batch_size, at_start
         self.points: list[list[float]] = []
         self.final: Optional[dict[str, float]] = None
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.at_start:
+            metrics = evaluate(model, self.data.validation, self.data.collator, self.batch_size, self.data.choices)
+            self.points.append([0, metrics["accuracy"]])
+            model.train()
+
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            metrics = evaluate(model, self.data.validation, self.data.collator, self.batch_size)
+            metrics = evaluate(model, self.data.validation, self.data.collator, self.batch_size, self.data.choices)
             self.points.append([state.global_step, metrics["accuracy"]])
             self.final = metrics if state.global_step == state.max_steps else None
             model.train()
@@ -133,7 +166,8 @@ def train(
     """
     t = settings["train"]
     every = t.get("eval_every")
-    curve = ValidationCurve(data, every, settings["eval_batch_size"]) if every and data.validation else None
+    at_start = bool(t.get("eval_at_start", False))
+    curve = ValidationCurve(data, every, settings["eval_batch_size"], at_start) if every and data.validation else None
     with tempfile.TemporaryDirectory(prefix="quality_trainer_") as out:
         args = TrainingArguments(
             output_dir=out,
@@ -172,8 +206,23 @@ def binary_scores(pred: Any, labels: Any) -> dict[str, float]:
     return {"f1": f1, "mcc": (tp * tn - fp * fn) / denom if denom else 0.0}
 
 
-def evaluate(model: Any, dataset: Any, collator: Any, batch_size: int) -> dict[str, float]:
-    """Accuracy, mean cross-entropy (and F1 / MCC for two classes) on a split, with plain torch and numpy."""
+def choice_logits(logits: torch.Tensor, labels: torch.Tensor, choices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's answer as a classifier's: the logits of the answer tokens at the position before
+    each row's one labelled token (the prompt's end), and the class that token stands for."""
+    position = (labels != -100).int().argmax(1)  # the answer token's position (one per row)
+    rows = torch.arange(labels.shape[0])
+    answer = labels[rows, position]
+    gold = torch.stack([answer == c for c in choices], 1).int().argmax(1)
+    return logits[rows, position - 1][:, choices], gold
+
+
+def evaluate(
+    model: Any, dataset: Any, collator: Any, batch_size: int, choices: Optional[list[int]] = None
+) -> dict[str, float]:
+    """Accuracy, mean cross-entropy (and F1 / MCC for two classes) on a split, with plain torch and numpy.
+
+    With ``choices`` (a causal LM), the prediction is the answer token of higher probability at the
+    prompt's end (``choice_logits``); the loss is the cross-entropy over those answers."""
     model.eval()
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
@@ -181,7 +230,10 @@ def evaluate(model: Any, dataset: Any, collator: Any, batch_size: int) -> dict[s
     with torch.inference_mode():
         for batch in loader:
             gold = batch.pop("labels")
-            logits.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
+            out = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+            if choices is not None:
+                out, gold = choice_logits(out, gold, choices)
+            logits.append(out)
             labels.append(gold)
     all_logits, gold = torch.cat(logits), torch.cat(labels)
     pred = all_logits.argmax(-1)
@@ -217,11 +269,15 @@ def run_cell(cell: Cell, exp: Experiment, ctx: Context, rate: float) -> dict[str
     train_seconds, train_loss, curve = train(model, data, rate, cell.seed, exp.settings)
     eval_start = time.perf_counter()
     batch = exp.settings["eval_batch_size"]
-    metrics = evaluate(model, data.test, data.collator, batch)
+    metrics = evaluate(model, data.test, data.collator, batch, data.choices)
     eval_seconds = time.perf_counter() - eval_start
     validation = {}
     if data.validation is not None:
-        final = curve.final if curve and curve.final else evaluate(model, data.validation, data.collator, batch)
+        final = (
+            curve.final
+            if curve and curve.final
+            else evaluate(model, data.validation, data.collator, batch, data.choices)
+        )
         validation = {"validation": {**final, "curve": curve.points if curve else []}}
     record = {
         "key": cell.key,

@@ -29,6 +29,7 @@ class TaskData:
     collator: Any
     num_labels: int
     validation: Any = None  # carved from the training data; None when the settings ask for none
+    choices: Optional[list[int]] = None  # head "lm": the answer token of each class (scored at the prompt's end)
 
 
 def resolve_sizes(
@@ -98,6 +99,31 @@ def glue_splits(task: str, data: dict[str, Any]) -> dict[str, list[Example]]:
 
 def num_labels_of(task: str) -> int:
     return GLUE_TASKS[task.split("/", 1)[1]][2] if task.startswith("glue/") else 2
+
+
+def answer_tokens(tokenizer: Any, answers: list[str]) -> list[int]:
+    """The first token of each answer word; they must differ (the choice is made on that token)."""
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in answers]
+    if len(set(ids)) != len(ids):
+        raise BenchmarkError(f"The answers {answers} start with the same token; choose words that do not.")
+    return ids
+
+
+def encode_lm(tokenizer: Any, rows: list[Example], max_length: int, prompt: str, answers: list[str]) -> Any:
+    """Causal-LM examples: ``prompt.format(text=...)`` then the class's answer token, labels -100 on the
+    prompt (SFT style: only the answer counts, in the Fisher pass as in training).
+
+    The text is cut to ``max_length`` tokens before it enters the template, so the template's end
+    (e.g. ``"\nSentiment:"``) is never cut off."""
+    choices = answer_tokens(tokenizer, answers)
+    ids, masks, labels = [], [], []
+    for r in rows:
+        text_ids = tokenizer(r.text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+        prompt_ids = tokenizer(prompt.format(text=tokenizer.decode(text_ids)), add_special_tokens=False)["input_ids"]
+        ids.append(prompt_ids + [choices[r.label]])
+        masks.append([1] * (len(prompt_ids) + 1))
+        labels.append([-100] * len(prompt_ids) + [choices[r.label]])
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": masks, "labels": labels})
 
 
 def encode(tokenizer: Any, rows: list[Example], max_length: int) -> Any:

@@ -61,13 +61,23 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"## Values gradient: strategy per layer ({len(st['layers'])} Linear layers, "
             f"a and b of {st['rows_of_a_and_b']} rows)",
             "",
-            f"The cost model picked the fastest strategy for {st['agree']} of {len(st['layers'])} layers. "
-            "Total time of all layers' values gradients:",
+            *(
+                [
+                    f"The autotune (the default) picked a strategy within 5% of the fastest for "
+                    f"{st['autotune_within_5pct']} of {len(st['layers'])} layers (the fastest itself for "
+                    f"{st['autotune_agree']}). "
+                ]
+                if "autotuned" in tot
+                else []
+            ),
+            f"The cost model (the fallback, `FISHIRD_AUTOTUNE=0`) picked the fastest strategy for {st['agree']} of "
+            f"{len(st['layers'])} layers. Total time of all layers' values gradients:",
             "",
             "| strategy | ms | × the cost model's pick |",
             "|---|---|---|",
         ]
-        for key in ("chosen", "fastest_per_layer", "density_rule", "sddmm", "dense", "rows", "cols"):
+        keys = ("autotuned", "chosen", "fastest_per_layer", "density_rule", "sddmm", "dense", "rows", "cols")
+        for key in (k for k in keys if k in tot):
             lines.append(f"| {key} | {tot[key] * 1e3:.2f} | {tot[key] / tot['chosen']:.2f} |")
     ird, ad = result["ird_and_size"]["ird"], result["ird_and_size"]["adapter"]
     lines += [

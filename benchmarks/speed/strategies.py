@@ -19,11 +19,13 @@ from peft_fish_ird.layer import FishIRDLayer
 def bench_strategies(args, model: torch.nn.Module) -> dict[str, Any]:
     """Per Linear layer of the prepared FishIRD model of the training benchmark: the time of every
     way to form the values' gradient (``sparse_ops.STRATEGIES``) at the training step's size,
-    against the one the cost model picks. Checks the cost model on real (clustered) Fisher masks."""
+    against the one the autotune picks (``sparse_ops.MatrixPattern.tune``, timed afresh here) and
+    the one the cost model picks (its fallback), on real (clustered) Fisher masks."""
     device = args.device
     n = 16 * args.tokens
     g = torch.Generator(device=device).manual_seed(0)
     layers = []
+    sparse_ops.clear_autotune_cache()
     for name, m in model.named_modules():
         if not (isinstance(m, FishIRDLayer) and isinstance(m.get_base_layer(), torch.nn.Linear)):
             continue
@@ -33,6 +35,8 @@ def bench_strategies(args, model: torch.nn.Module) -> dict[str, Any]:
         b = torch.randn(n, cols, generator=g, device=device)
         patterns = {s: sparse_ops.MatrixPattern.build(idx, rows, cols, s) for s in sparse_ops.STRATEGIES}
         fns = {s: (lambda p=p: p.sampled(a, b)) for s, p in patterns.items()}
+        tuned = sparse_ops.MatrixPattern.build(idx, rows, cols, sparse_ops.AUTOTUNE_STRATEGY)
+        tuned.tune(a, b)
         med = {s: statistics.median(v) for s, v in interleaved(fns, args.repeats_strategy, device).items()}
         r, c = idx // cols, idx % cols
         layers.append(
@@ -42,13 +46,15 @@ def bench_strategies(args, model: torch.nn.Module) -> dict[str, Any]:
                 "k": idx.numel(),
                 "used_rows": int(r.unique().numel()),
                 "used_cols": int(c.unique().numel()),
-                "chosen": sparse_ops.MatrixPattern.build(idx, rows, cols).strategy,
+                "chosen": sparse_ops.choose_strategy(idx.numel(), rows, cols, *patterns["dense"].used),
+                "autotuned": tuned.strategy,
                 "fastest": min(med, key=med.get),
                 "seconds": med,
             }
         )
     totals = {s: sum(layer["seconds"][s] for layer in layers) for s in sparse_ops.STRATEGIES}
     totals["chosen"] = sum(layer["seconds"][layer["chosen"]] for layer in layers)
+    totals["autotuned"] = sum(layer["seconds"][layer["autotuned"]] for layer in layers)
     totals["fastest_per_layer"] = sum(min(layer["seconds"].values()) for layer in layers)
     totals["density_rule"] = sum(  # the previous rule: SDDMM below 2% density, else dense
         layer["seconds"]["sddmm" if layer["k"] < 0.02 * layer["shape"][0] * layer["shape"][1] else "dense"]
@@ -58,6 +64,11 @@ def bench_strategies(args, model: torch.nn.Module) -> dict[str, Any]:
         "rows_of_a_and_b": n,
         "layers": layers,
         "agree": sum(la["chosen"] == la["fastest"] for la in layers),
+        "autotune_agree": sum(la["autotuned"] == la["fastest"] for la in layers),
+        # the goal (issue 16): the autotune's pick within 5% of the fastest, layer by layer
+        "autotune_within_5pct": sum(
+            la["seconds"][la["autotuned"]] <= 1.05 * min(la["seconds"].values()) for la in layers
+        ),
         "total_seconds": totals,
     }
 

@@ -21,7 +21,7 @@ This package never imports PEFT; ``reference.fisher_loop`` is its slow, obvious 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, get_args
 
@@ -33,6 +33,7 @@ from .. import distributed
 from ..layer_types import describe_supported, layer_type_for
 from .hooks import FisherHooks, frozen_eval
 from .losses import LossFn, class_log_probs, output_logits, per_sample_losses
+from .tied import check_every_use_targeted
 
 FisherType = Literal["empirical", "expected"]
 
@@ -108,6 +109,7 @@ def compute_fisher(
     if fisher not in get_args(FisherType):
         raise ValueError(f"fisher={fisher!r}: choose one of {get_args(FisherType)}.")
     check_targets(targets)
+    check_every_use_targeted(model, targets)
     loss_fn = loss_fn or per_sample_losses
     batches = list(batches)
     sizes = [batch_size_of(b) for b in batches]
@@ -147,7 +149,7 @@ def _accumulate(model, batches, order, sizes, hooks, sample_scores, fisher, loss
     first_bad = torch.tensor([_NO_BAD_SAMPLE], dtype=torch.int64)
     for i in order:
         hooks.begin_batch(sizes[i], sample_scores.device)
-        bad = _backward_batch(model, batches[i], fisher, loss_fn)
+        bad = _backward_batch(model, batches[i], fisher, loss_fn, hooks.flush_tied)
         if bad is None:
             bad = _first_non_finite(hooks.batch_sample_scores)
         if bad is not None:  # keep going so every rank reaches the collectives after the loop
@@ -159,8 +161,13 @@ def _accumulate(model, batches, order, sizes, hooks, sample_scores, fisher, loss
     return first_bad
 
 
-def _backward_batch(model: nn.Module, batch: Mapping[str, Any], fisher: str, loss_fn: LossFn) -> Optional[int]:
-    """Forward and backward of one batch; returns the in-batch index of a non-finite loss, if any."""
+def _backward_batch(
+    model: nn.Module, batch: Mapping[str, Any], fisher: str, loss_fn: LossFn, after_backward: Callable[[], None]
+) -> Optional[int]:
+    """Forward and backward of one batch; returns the in-batch index of a non-finite loss, if any.
+
+    ``after_backward`` runs after every backward pass (tied tensors square their summed uses there:
+    the expected Fisher squares each class's gradient apart)."""
     labels = batch.get("labels")
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = output_logits(model(**inputs))
@@ -169,6 +176,7 @@ def _backward_batch(model: nn.Module, batch: Mapping[str, Any], fisher: str, los
         bad = _first_non_finite(losses)
         if bad is None:
             losses.sum().backward()
+            after_backward()
         return bad
     log_p = class_log_probs(logits)
     bad = _first_non_finite(log_p.sum(-1))
@@ -177,6 +185,7 @@ def _backward_batch(model: nn.Module, batch: Mapping[str, Any], fisher: str, los
     weight = log_p.detach().exp().sqrt()  # sum_c p_c g_c^2 = sum_c (sqrt(p_c) g_c)^2
     for c in range(log_p.shape[-1]):
         (-(log_p[:, c] * weight[:, c])).sum().backward(retain_graph=c < log_p.shape[-1] - 1)
+        after_backward()
     return None
 
 

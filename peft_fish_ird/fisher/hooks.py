@@ -11,6 +11,7 @@ from torch import nn
 
 from ..layer_types import FisherRule, layer_type_for
 from .sink import Sink
+from .tied import TiedUses, tied_aliases
 
 
 class FisherHooks:
@@ -21,12 +22,26 @@ class FisherHooks:
         self.targets = dict(targets)
         self.masks = {k: m.reshape(-1).float() for k, m in masks.items()}
         self.scores: dict[str, torch.Tensor] = {}
+        aliases = tied_aliases(self.targets)  # later uses of a shared tensor -> its first use's key
+        self.tied_homes: dict[str, TiedUses] = {}
         for name, module in self.targets.items():
             for p, spec in layer_type_for(module).specs_of(module).items():
-                self.scores[f"{name}.{p}"] = torch.zeros(spec.numel(), dtype=torch.float32, device=spec.device)
+                key = f"{name}.{p}"
+                if key in aliases:
+                    continue
+                self.scores[key] = torch.zeros(spec.numel(), dtype=torch.float32, device=spec.device)
+                if key in aliases.values():
+                    self.tied_homes[key] = TiedUses(spec.shape)
+        # every use of a tied tensor (the first one included) reports to the tensor's collector
+        self.tied: dict[str, TiedUses] = {key: self.tied_homes[home] for key, home in aliases.items()}
+        self.tied.update(self.tied_homes)
         unknown = set(self.masks) - set(self.scores)
         if unknown:
-            raise KeyError(f"sample_score_masks name parameters that are not targets: {sorted(unknown)}")
+            tied = {k: aliases[k] for k in unknown if k in aliases}
+            raise KeyError(
+                f"sample_score_masks name parameters that are not targets: {sorted(unknown)}"
+                + (f" (tied: name them by their first use, {tied})" if tied else "")
+            )
         self.totals = {k: torch.zeros(v.numel(), dtype=torch.float64, device=v.device) for k, v in self.scores.items()}
         self.batch_size = 0
         self.batch_sample_scores = torch.zeros(0)
@@ -63,6 +78,13 @@ class FisherHooks:
         """Forget a batch's partial sums (a non-finite batch is not added)."""
         for partial in self.scores.values():
             partial.zero_()
+        for uses in self.tied_homes.values():
+            uses.clear()
+
+    def flush_tied(self) -> None:
+        """After each backward pass: sum every tied tensor's uses per sample, square, add (``tied.py``)."""
+        for home, uses in self.tied_homes.items():
+            uses.flush(self.scores[home], self.batch_sample_scores, self.masks.get(home), self.batch_size)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["FisherHooks"]:

@@ -14,7 +14,9 @@ PER_SAMPLE_GEMM_MIN_ELEMENTS = 262_144  # from this weight size on, per-sample G
 class Sink:
     """Receives one layer's per-sample gradients and adds their squares to the running sums.
 
-    ``engine`` is the pass's ``hooks.FisherHooks``, which holds the sums."""
+    ``engine`` is the pass's ``hooks.FisherHooks``, which holds the sums. A tensor shared by several
+    targets (tied weights) goes to its ``tied.TiedUses`` collector instead, which squares the sum
+    of the uses after the backward pass."""
 
     def __init__(self, engine: Any, module_name: str) -> None:
         self.engine = engine
@@ -23,6 +25,9 @@ class Sink:
     def dense(self, param_name: str, per_sample_grad: torch.Tensor) -> None:
         """``per_sample_grad``: ``(B, numel)`` float32, row b = sample b's gradient (flattened)."""
         key = f"{self.module_name}.{param_name}"
+        if key in self.engine.tied:
+            self.engine.tied[key].dense(per_sample_grad)
+            return
         sq = per_sample_grad.square_()
         self.engine.scores[key].add_(sq.sum(0))
         mask = self.engine.masks.get(key)
@@ -40,6 +45,9 @@ class Sink:
         overhead over a plain pass).
         """
         key = f"{self.module_name}.{param_name}"
+        if key in self.engine.tied:
+            self.engine.tied[key].matrix(a, b)
+            return
         batch, rows, cols = a.shape[0], a.shape[2], b.shape[2]
         scores = self.engine.scores[key].view(rows, cols)
         mask = self.engine.masks.get(key)
@@ -69,6 +77,9 @@ class Sink:
     def rows(self, param_name: str, samples: torch.Tensor, rows: torch.Tensor, row_grads: torch.Tensor) -> None:
         """Sparse per-sample gradients: sample ``samples[u]`` has gradient ``row_grads[u]`` in row ``rows[u]``."""
         key = f"{self.module_name}.{param_name}"
+        if key in self.engine.tied:
+            self.engine.tied[key].rows_of(samples, rows, row_grads)
+            return
         width = row_grads.shape[1]
         sq = row_grads.square()
         self.engine.scores[key].view(-1, width).index_add_(0, rows, sq)
