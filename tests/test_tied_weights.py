@@ -209,15 +209,18 @@ def test_saved_tied_adapter_holds_one_values_tensor_and_reloads_exactly(tmp_path
     randomize_values(model, scale=0.2)
     batch = lm_collate(lm_examples(4, seed=9))
     expected = _logits(model, batch)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, save_embedding_layers=False)  # see the README: PEFT's "auto" adds the base
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert any("embed_tokens.fishird_weight_values" in k for k in saved)
     assert not any("lm_head.fishird_weight" in k for k in saved)
+    assert all("fishird_" in k for k in saved), [k for k in saved if "fishird_" not in k]  # no base embedding
     loaded = PeftModel.from_pretrained(tiny_llama(tied=True), tmp_path)
     head = loaded.base_model.model.lm_head
     assert head.values("weight")["default"] is loaded.base_model.model.model.embed_tokens.values("weight")["default"]
     torch.testing.assert_close(_logits(loaded, batch), expected, rtol=0, atol=0)
     loaded.save_pretrained(tmp_path / "again")  # a loaded tied adapter counts as prepared
+    with_base = load_file(tmp_path / "again" / "adapter_model.safetensors")  # PEFT's default "auto": the base too
+    assert any(k.endswith("embed_tokens.base_layer.weight") for k in with_base)
 
 
 @pytest.mark.parametrize(("target", "other"), [("lm_head", "model.embed_tokens"), ("embed_tokens", "lm_head")])
