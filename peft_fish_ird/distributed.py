@@ -54,9 +54,13 @@ def sync_module_states(model: nn.Module) -> None:
     the Fisher pass sees the same weights everywhere - e.g. a randomly initialised task head."""
     if not is_distributed():
         return
+    from torch.distributed.tensor import DTensor
+
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             data = tensor.data
+            if isinstance(tensor, DTensor) or isinstance(data, DTensor):
+                continue  # FSDP2's shards differ per rank by design; fully_shard laid them out from one model
             shared, home = collective_tensor(data)
             dist.broadcast(shared, src=0)
             if shared is not data:
@@ -94,26 +98,65 @@ def collective_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.device]
     return tensor, home
 
 
-def check_not_sharded(model: nn.Module) -> None:
-    """Refuse models whose parameters are sharded across ranks (FSDP, DeepSpeed ZeRO-3, DTensor).
+def uses_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model`` holds modules sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    Per-sample gradients need each rank to hold the full weights of the layer it scores; a
-    sharded parameter would silently produce partial Fisher scores.
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def check_not_sharded(model: nn.Module) -> None:
+    """Refuse sharded parameters that the Fisher pass cannot see whole (FSDP1, DeepSpeed ZeRO-3,
+    DTensor outside FSDP2).
+
+    FSDP2 (``fully_shard``) is accepted: it gathers each module's full weights for its forward
+    and backward, and the per-sample rules need only a layer's input and output gradient (and,
+    for the generic rule, its gathered weight), so every rank's scores are exact; ranks run in
+    lockstep (``needs_lockstep``). Other sharding would silently produce partial scores.
     """
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    if any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules()):
-        raise RuntimeError(_SHARDED_MESSAGE.format(what="FSDP"))
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise RuntimeError(_SHARDED_MESSAGE.format(what="FSDP1 (FullyShardedDataParallel)"))
+    fsdp2 = uses_fsdp2(model)
     for param in model.parameters():
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):  # DeepSpeed marks partitioned parameters
             raise RuntimeError(_SHARDED_MESSAGE.format(what="DeepSpeed ZeRO-3"))
-        if isinstance(param, DTensor) or isinstance(getattr(param, "data", None), DTensor):
-            raise RuntimeError(_SHARDED_MESSAGE.format(what="DTensor-sharded parameters"))
+        if not fsdp2 and (isinstance(param, DTensor) or isinstance(getattr(param, "data", None), DTensor)):
+            raise RuntimeError(_SHARDED_MESSAGE.format(what="DTensor-sharded parameters (outside FSDP2)"))
+
+
+def needs_lockstep(model: nn.Module) -> bool:
+    """Whether every rank must run the same number of forward/backward passes (FSDP2 gathers
+    weights with collectives inside them)."""
+    return is_distributed() and uses_fsdp2(model)
+
+
+def average_gradients_across_ranks(params: list[torch.Tensor]) -> None:
+    """Give each parameter a hook that replaces its accumulated gradient by the mean over ranks.
+
+    For values created after ``fully_shard`` (``prepare`` on an FSDP2 model): FSDP2 reduces only
+    the parameters it sharded, so without this every rank would train its own values. Under
+    gradient accumulation the earlier micro-batches' part is already equal on every rank, so
+    averaging again keeps it."""
+    if not is_distributed():
+        return
+    world = world_size()
+
+    def mean_over_ranks(param: torch.Tensor) -> None:
+        shared, home = collective_tensor(param.grad)
+        dist.all_reduce(shared)
+        param.grad.copy_((shared / world).to(home))
+
+    for param in params:
+        if param.requires_grad and param.numel():
+            param.register_post_accumulate_grad_hook(mean_over_ranks)
 
 
 _SHARDED_MESSAGE = (
-    "FishIRD's Fisher pass needs full (unsharded) parameters, but this model uses {what}. Call "
+    "FishIRD's Fisher pass needs each layer's full parameters, but this model uses {what}. Call "
     "`peft_model.prepare(...)` before the model is wrapped/sharded (i.e. before building the Trainer or "
-    "calling accelerator.prepare), then train. DDP and DeepSpeed ZeRO-1/2 work after prepare."
+    "calling accelerator.prepare), or shard it with FSDP2 (`fully_shard`), which prepare supports; then train. "
+    "DDP and DeepSpeed ZeRO-1/2 work after prepare."
 )

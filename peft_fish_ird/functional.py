@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Optional
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,9 +58,19 @@ def prepare_adapter(
     )
     outcome = job.run()
     fill_masks(adapter, layers, outcome.masks)
+    if distributed.uses_fsdp2(tuner.model):  # new values FSDP2 does not manage: keep the ranks' copies equal
+        distributed.average_gradients_across_ranks(
+            [layer.values(p)[adapter] for layer in layers.values() for p in layer.base_param_names()]
+        )
     tuner.peft_config[adapter].selection_record = outcome.record.to_dict()
     report(outcome.record, progress)
     return outcome.record
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def check_can_prepare(tuner: Any, adapter: str, layers: dict[str, FishIRDLayer], overwrite: bool) -> None:
@@ -71,6 +82,12 @@ def check_can_prepare(tuner: Any, adapter: str, layers: dict[str, FishIRDLayer],
             "prepare() replaces adapter %r's existing mask: its values tensors are new objects, so an optimizer "
             "built before this call is stale - build it (or the Trainer's) again.",
             adapter,
+        )
+    if any(_is_dtensor(layer.values(p)[adapter]) for layer in layers.values() for p in layer.base_param_names()):
+        raise RuntimeError(
+            "fully_shard was applied after get_peft_model, so FSDP2 manages FishIRD's (still empty) values and "
+            "prepare cannot replace them. Either prepare first and then fully_shard, or fully_shard the base "
+            "model before get_peft_model."
         )
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError("Cannot prepare while adapters are merged: call `unmerge_adapter()` first.")

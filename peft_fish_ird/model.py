@@ -181,6 +181,8 @@ class FishIRDModel(BaseTuner):
             raise UnpreparedAdapterError(unprepared_message(adapter_name))
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for key, tensor in to_return.items():
+            if _is_sharded(tensor):  # values FSDP2 shards (fully_shard after prepare): every rank gathers them
+                tensor = to_return[key] = tensor.full_tensor()
             if indices_key_target(key) is not None:
                 to_return[key] = compact_indices(tensor)
         # The record also travels in the weights file: HF Trainer's resume loads only the weights
@@ -287,6 +289,12 @@ class FishIRDModel(BaseTuner):
             progress=progress,
             overwrite=overwrite,
         )
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def default_target_modules(

@@ -3,7 +3,8 @@
     torchrun --standalone --nproc_per_node N tests/distributed_worker.py MODE OUT_DIR
 
 MODE: fisher | ird (prepare only), trainer | accelerate (prepare, then 4 optimizer steps with a
-global batch of 8 split over the ranks). Each rank saves its masks and values to OUT_DIR/rank{r}.pt.
+global batch of 8 split over the ranks), fsdp2_prepare | fsdp2_train (a tiny Llama under FSDP2,
+see ``fsdp2``). Each rank saves its masks and values to OUT_DIR/rank{r}.pt.
 """
 
 import os
@@ -47,6 +48,66 @@ def rank_dependent_head(model):
     torch.manual_seed(1000 + int(os.environ.get("RANK", "0")))
     model.classifier.reset_parameters()
     return model
+
+
+def equal_length_lm_examples(n: int, length: int = 10, prompt: int = 3) -> list[dict]:
+    """SFT-style examples of one length: every rank's mean loss then averages to the global one."""
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, 97, (n, length), generator=g).tolist()
+    return [{"input_ids": r, "attention_mask": [1] * length, "labels": [-100] * prompt + r[prompt:]} for r in ids]
+
+
+def fsdp2(mode: str, out_dir: str, world: int) -> dict:
+    """FSDP2 (fully_shard per decoder layer, then the root) on a tiny Llama, gloo:
+
+    * ``fsdp2_prepare``: shard first, then get_peft_model + prepare on the sharded model (20 Fisher
+      samples in batches of 4: 5 batches, so the ranks' shares differ and lockstep is needed);
+    * ``fsdp2_train``: prepare unsharded, then shard the PEFT model.
+
+    Then 4 steps, each rank on its slice of a global batch of 8; rank 0 saves the adapter."""
+    from conftest import lm_collate, tiny_llama
+    from torch.distributed.fsdp import fully_shard
+
+    from peft_fish_ird import FishIRDConfig
+
+    dist.init_process_group("gloo")
+    examples = equal_length_lm_examples(40)
+    config = FishIRDConfig(task_type="CAUSAL_LM", keep_ratio=0.05, num_samples=20, fisher_batch_size=4)
+
+    def shard(llama):
+        for block in llama.model.layers:
+            fully_shard(block)
+        fully_shard(llama)
+
+    base = tiny_llama()
+    if mode == "fsdp2_prepare":
+        shard(base)
+        model = get_peft_model(base, config)
+        model.prepare(examples, data_collator=lm_collate, progress=False)
+    else:
+        model = get_peft_model(base, config)
+        model.prepare(examples, data_collator=lm_collate, progress=False)
+        shard(model.base_model.model)
+    layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, FishIRDLayer)}
+    out = {f"{n}.{p}.indices": m.indices(p)["default"].clone() for n, m in layers.items() for p in m.base_param_names()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    rank, share = dist.get_rank(), GLOBAL_BATCH // world
+    model.train()
+    for step in range(STEPS):
+        rows = examples[step * GLOBAL_BATCH :][rank * share : (rank + 1) * share]
+        model(**lm_collate(rows)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for n, m in layers.items():
+        for p in m.base_param_names():
+            values = m.values(p)["default"]
+            full = (
+                values.full_tensor() if hasattr(values, "full_tensor") else values
+            )  # sharded by FSDP2 if it manages it
+            out[f"{n}.{p}.values"] = full.detach().clone()
+    # every rank calls it, rank 0 writes; without the (sharded) base embedding PEFT adds by default
+    model.save_pretrained(os.path.join(out_dir, "adapter"), save_embedding_layers=False, is_main_process=rank == 0)
+    return out
 
 
 def main(mode: str, out_dir: str) -> None:
@@ -108,6 +169,8 @@ def main(mode: str, out_dir: str) -> None:
             optimizer.step()
             optimizer.zero_grad()
         result = snapshot(accelerator.unwrap_model(model))
+    elif mode in ("fsdp2_prepare", "fsdp2_train"):
+        result = fsdp2(mode, out_dir, world)
     else:
         raise SystemExit(f"unknown mode {mode}")
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -72,3 +73,60 @@ def test_ddp_training_keeps_ranks_identical_and_matches_one_process(runs, mode):
         assert torch.allclose(r0[key].float(), value.float(), atol=1e-6, rtol=1e-5), key
         trained |= key.endswith(".values") and bool(value.abs().sum() > 0)
     assert trained, "the sparse values must have trained"
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp2")
+    out = {}
+    for mode in ("fsdp2_prepare", "fsdp2_train"):
+        for n in (1, 2):
+            out[(mode, n)] = _launch(mode, n, root / f"{mode}{n}")
+            out[(mode, n, "adapter")] = load_file(root / f"{mode}{n}" / "adapter" / "adapter_model.safetensors")
+    return out
+
+
+def test_prepare_on_an_fsdp2_sharded_model_gives_the_unsharded_mask(fsdp2_runs):
+    unsharded = fsdp2_runs[("fsdp2_train", 1)][0]  # prepared before fully_shard, one process
+    for n in (1, 2):
+        for rank_result in fsdp2_runs[("fsdp2_prepare", n)]:
+            indices = {k: v for k, v in rank_result.items() if k.endswith(".indices")}
+            assert indices.keys() == {k for k in unsharded if k.endswith(".indices")}
+            for key, value in indices.items():
+                assert torch.equal(value, unsharded[key]), key
+
+
+@pytest.mark.parametrize("mode", ["fsdp2_prepare", "fsdp2_train"])
+def test_fsdp2_training_keeps_ranks_identical_and_matches_one_process(fsdp2_runs, mode):
+    one, (r0, r1) = fsdp2_runs[(mode, 1)][0], fsdp2_runs[(mode, 2)]
+    values = [k for k in one if k.endswith(".values")]
+    assert any(bool(one[k].abs().sum() > 0) for k in values), "the sparse values must have trained"
+    for key in values:
+        assert torch.equal(r0[key], r1[key]), f"ranks differ at {key}"
+        assert torch.allclose(r0[key], one[key], atol=1e-6, rtol=1e-5), key
+
+
+@pytest.mark.parametrize("mode", ["fsdp2_prepare", "fsdp2_train"])
+def test_saving_from_an_fsdp2_model_writes_the_one_process_adapter(fsdp2_runs, mode):
+    one, two = fsdp2_runs[(mode, 1, "adapter")], fsdp2_runs[(mode, 2, "adapter")]
+    assert one.keys() == two.keys()
+    for key in one:
+        if "selection_record" not in key:  # the record holds timings
+            assert torch.allclose(one[key].float(), two[key].float(), atol=1e-6, rtol=1e-5), key
+
+
+def test_fully_shard_after_get_peft_model_and_before_prepare_is_refused(tmp_path):
+    """FSDP2 would manage the still-empty values, which prepare has to replace."""
+    from conftest import lm_collate, lm_examples, tiny_llama
+    from torch.distributed.fsdp import fully_shard
+
+    from peft_fish_ird import FishIRDConfig, get_peft_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = get_peft_model(tiny_llama(), FishIRDConfig(task_type="CAUSAL_LM", num_samples=8))
+        fully_shard(model.base_model.model)
+        with pytest.raises(RuntimeError, match="fully_shard was applied after get_peft_model"):
+            model.prepare(lm_examples(8), data_collator=lm_collate, progress=False)
+    finally:
+        dist.destroy_process_group()

@@ -101,7 +101,8 @@ def compute_fisher(
 
     Under ``torch.distributed`` (more than one rank) every rank must pass the same batches; rank r
     back-propagates batches r, r + world, ... and the sums are all-reduced, so all ranks return
-    the same result.
+    the same result. Under FSDP2 a rank with fewer batches runs thrown-away passes, so every rank
+    joins the same weight gathers.
 
     Raises:
         NonFiniteFisherError: a sample's loss or gradient is NaN/inf (its index is named).
@@ -114,6 +115,8 @@ def compute_fisher(
     batches = list(batches)
     sizes = [batch_size_of(b) for b in batches]
     mine = [i for i in range(len(batches)) if i % distributed.world_size() == distributed.rank()]
+    if distributed.needs_lockstep(model):  # FSDP2: every rank runs as many passes; -1 = one thrown away
+        mine += [-1] * (-(-len(batches) // distributed.world_size()) - len(mine))
     hooks = FisherHooks(targets, sample_score_masks or {})
     sample_scores = torch.zeros(sum(sizes), dtype=torch.float32, device=_device_of(model))
     start = time.perf_counter()
@@ -148,6 +151,11 @@ def _accumulate(model, batches, order, sizes, hooks, sample_scores, fisher, loss
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     first_bad = torch.tensor([_NO_BAD_SAMPLE], dtype=torch.int64)
     for i in order:
+        if i < 0:  # a rank's lockstep filler (FSDP2): the same collectives, nothing kept
+            hooks.begin_batch(sizes[0], sample_scores.device)
+            _backward_batch(model, batches[0], fisher, loss_fn, hooks.flush_tied)
+            hooks.discard_batch()
+            continue
         hooks.begin_batch(sizes[i], sample_scores.device)
         bad = _backward_batch(model, batches[i], fisher, loss_fn, hooks.flush_tied)
         if bad is None:
