@@ -110,6 +110,38 @@ def fsdp2(mode: str, out_dir: str, world: int) -> dict:
     return out
 
 
+def accelerate_fsdp2(world: int) -> dict:
+    """Accelerate's FSDP plugin (FSDP2, one unit per decoder layer) trains the prepared tiny Llama."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from conftest import lm_collate, tiny_llama
+
+    from peft_fish_ird import FishIRDConfig
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]
+    )
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    examples = equal_length_lm_examples(40)
+    config = FishIRDConfig(task_type="CAUSAL_LM", keep_ratio=0.05, num_samples=20, fisher_batch_size=4)
+    model = get_peft_model(tiny_llama(), config, train_dataset=examples, data_collator=lm_collate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rank, share = accelerator.process_index, GLOBAL_BATCH // world
+    model.train()
+    for step in range(STEPS):
+        rows = examples[step * GLOBAL_BATCH :][rank * share : (rank + 1) * share]
+        accelerator.backward(model(**lm_collate(rows)).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    out = {}
+    for n, m in accelerator.unwrap_model(model).base_model.model.named_modules():
+        if isinstance(m, FishIRDLayer):
+            for p in m.base_param_names():
+                values = m.values(p)["default"]
+                out[f"{n}.{p}.values"] = (values.full_tensor() if hasattr(values, "full_tensor") else values).detach()
+    return out
+
+
 def main(mode: str, out_dir: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "fisher":
@@ -171,6 +203,8 @@ def main(mode: str, out_dir: str) -> None:
         result = snapshot(accelerator.unwrap_model(model))
     elif mode in ("fsdp2_prepare", "fsdp2_train"):
         result = fsdp2(mode, out_dir, world)
+    elif mode == "accelerate_fsdp2":
+        result = accelerate_fsdp2(world)
     else:
         raise SystemExit(f"unknown mode {mode}")
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -1,4 +1,5 @@
-"""Two processes (torchrun, gloo, CPU) give the same mask as one, and DDP training matches one process."""
+"""Two processes (torchrun, gloo, CPU) give the same mask as one, and DDP training matches one process;
+the same under FSDP2 (fully_shard, and Accelerate's FSDP plugin), for prepare, training and saving."""
 
 import os
 import subprocess
@@ -79,10 +80,12 @@ def test_ddp_training_keeps_ranks_identical_and_matches_one_process(runs, mode):
 def fsdp2_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp2")
     out = {}
-    for mode in ("fsdp2_prepare", "fsdp2_train"):
+    for mode in ("fsdp2_prepare", "fsdp2_train", "accelerate_fsdp2"):
         for n in (1, 2):
             out[(mode, n)] = _launch(mode, n, root / f"{mode}{n}")
-            out[(mode, n, "adapter")] = load_file(root / f"{mode}{n}" / "adapter" / "adapter_model.safetensors")
+            adapter = root / f"{mode}{n}" / "adapter" / "adapter_model.safetensors"
+            if adapter.exists():
+                out[(mode, n, "adapter")] = load_file(adapter)
     return out
 
 
@@ -96,7 +99,7 @@ def test_prepare_on_an_fsdp2_sharded_model_gives_the_unsharded_mask(fsdp2_runs):
                 assert torch.equal(value, unsharded[key]), key
 
 
-@pytest.mark.parametrize("mode", ["fsdp2_prepare", "fsdp2_train"])
+@pytest.mark.parametrize("mode", ["fsdp2_prepare", "fsdp2_train", "accelerate_fsdp2"])
 def test_fsdp2_training_keeps_ranks_identical_and_matches_one_process(fsdp2_runs, mode):
     one, (r0, r1) = fsdp2_runs[(mode, 1)][0], fsdp2_runs[(mode, 2)]
     values = [k for k in one if k.endswith(".values")]
