@@ -1,10 +1,11 @@
 """FishIRD vs QLoRA on a bitsandbytes-quantized SmolLM2-135M: training step time and memory.
 
-    python -m benchmarks.quantized                 # nf4 and int8, 2 rounds, ~10 minutes on 2 CPU cores
+    python -m benchmarks.quantized                 # nf4, int8 and float32, 2 rounds, ~15 minutes on 2 CPU cores
     python -m benchmarks.quantized --quant nf4 --rounds 1 --steps 6
 
 Both methods train the same quantized base (LoRA: PEFT's QLoRA recipe, r=8 on every linear
-layer; FishIRD: its default targets at the same trainable count, mask from 64 samples). Every
+layer; FishIRD: its default targets at the same trainable count, mask from 64 samples); the
+``float32`` base makes the same comparison on the unquantized model (plain LoRA). Every
 (method, quantization) measurement runs in a fresh subprocess, alternating the methods round by
 round, so one method's allocations never inflate the other's. Per run:
 
@@ -38,7 +39,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
-QUANTS = ("nf4", "int8")
+QUANTS = ("nf4", "int8", "float32")  # float32: the same comparison on the unquantized model (plain LoRA)
 METHODS = ("lora", "fishird")
 LORA_R = 8
 
@@ -87,12 +88,17 @@ def one_run(method: str, quant: str, steps: int, adapter_dir: str) -> dict[str, 
     torch.manual_seed(0)
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if quant == "int8":
-        qconfig = BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "float32":
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
     else:
-        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, device_map="cpu")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if quant == "int8":
+            qconfig = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            qconfig = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_compute_dtype=torch.float32
+            )
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, device_map="cpu")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     texts = [row.text for row in load_hutto("movie")[: 8 * (steps + 2) + 64]]
     enc = tokenizer(texts, max_length=64, truncation=True, padding="max_length", return_tensors="pt")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
@@ -213,7 +219,7 @@ def write(runs: list[dict[str, Any]]) -> None:
 def report(session: dict[str, Any]) -> str:
     runs = session["runs"]
     lines = [
-        "# FishIRD vs QLoRA on a quantized SmolLM2-135M",
+        "# FishIRD vs (Q)LoRA on SmolLM2-135M: quantized (bitsandbytes) and float32 bases",
         "",
         f"Built by `python -m benchmarks.quantized` ({session['env']['when']}, torch {session['env']['torch']}, "
         f"{session['env']['cpu_threads']} CPU threads). Batch 8 x 64 tokens, AdamW; LoRA r={LORA_R} on all linear "
