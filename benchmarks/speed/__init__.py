@@ -1,6 +1,6 @@
 """Speed and memory of FishIRD against its references, as ratios measured in one run.
 
-Run from the repository root. Command (CPU, ~4.5 minutes on 2 cores; writes benchmarks/results/speed.{json,md,png}):
+Run from the repository root. Command (CPU, ~10 minutes on 2 cores; writes benchmarks/results/speed.{json,md,png}):
     python -m benchmarks.speed
 On a GPU (absolute times meaningful there):
     python -m benchmarks.speed --device cuda --output benchmarks/results/speed_cuda
@@ -9,12 +9,15 @@ What is measured (all-MiniLM-L6-v2, 64 tokens; methods interleaved, medians of -
 * Fisher: the batched engine vs one plain forward+backward pass over the same samples at the
   same batch size, the batch-size-1 loop (FISH reference) and torch.func vmap(grad); exactness
   of the engine vs the loop and identity of the top-0.5% masks.
+* ``prepare`` end to end at 128 and 1024 samples (``--prepare-samples``) vs one plain pass over the
+  same collated batches, with where its time goes (drawing and collating, the engine, the rest).
 * Training step (batch 16, AdamW): FishIRD (fast path and the slow reference path) with
   keep_ratio matched to LoRA r=8 on query/key/value/dense, vs LoRA, full fine-tuning, the FISH
   reference's dense masked gradients and PEFT's SHiRA. Peak RSS (or CUDA peak memory) per method
   in a fresh process; optimizer state bytes.
 * Values-gradient strategies: per Linear layer of the prepared model, the time of each way to form
-  the values' gradient vs the one the cost model picks (``sparse_ops.choose_strategy``).
+  the values' gradient vs the one the autotune picks (``MatrixPattern.tune``) and the one the cost
+  model picks (``sparse_ops.choose_strategy``, the fallback).
 * IRD overhead: total Fisher time of an IRD search vs one FISH Fisher pass, scoring reported apart.
 * Adapter file size vs k x (4 + index bytes) + head bytes (indices are saved as int32).
 """

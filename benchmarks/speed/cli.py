@@ -25,6 +25,13 @@ def main() -> None:
     p.add_argument("--repeats-fisher", type=int, default=5)
     p.add_argument("--repeats-train", type=int, default=15)
     p.add_argument("--repeats-strategy", type=int, default=7)
+    p.add_argument(
+        "--prepare-samples",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[128, 1024],
+        help="sample counts of the prepare section, comma-separated",
+    )
+    p.add_argument("--repeats-prepare", type=int, default=3)
     p.add_argument("--ird-samples", type=int, default=128)
     p.add_argument("--ird-eval-steps", type=int, default=10)
     p.add_argument("--skip-loop", action="store_true", help="skip the batch-size-1 Fisher loop")
@@ -43,7 +50,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline model; read once, when transformers is imported below
     warnings.simplefilter("ignore")  # transformers' and peft's notices, once per model built
     # the measuring modules import torch and transformers: imported only now, after the two lines above
-    from benchmarks.speed.fisher import bench_fisher
+    from benchmarks.speed.fisher import bench_fisher, bench_prepare
     from benchmarks.speed.harness import environment, quiet_transformers
     from benchmarks.speed.strategies import bench_ird_and_size, bench_strategies
     from benchmarks.speed.training import bench_training, memory_worker
@@ -57,6 +64,7 @@ def main() -> None:
         "environment": environment(args.device),
     }
     result["fisher"] = bench_fisher(args)
+    result["prepare"] = bench_prepare(args)
     result["training"], fishird_model = bench_training(args)
     result["strategies"] = bench_strategies(args, fishird_model)
     del fishird_model

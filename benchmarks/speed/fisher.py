@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 import torch
@@ -86,4 +87,55 @@ def bench_fisher(args) -> dict[str, Any]:
             torch.equal(mask_engine[n].cpu(), mask_loop[n]) for n in mask_loop
         )
         out["engine_speedup_vs_loop"] = med["loop_bs1"] / med["engine"]
+    return out
+
+
+def bench_prepare(args) -> dict[str, Any]:
+    """``prepare`` end to end (drawing and collating the samples, the Fisher pass, the selection,
+    filling the layers) against one plain forward+backward pass over the same collated batches,
+    at each of ``args.prepare_samples`` sample counts; and where prepare's time goes."""
+    from peft import get_peft_model
+
+    from benchmarks.speed.harness import as_examples, collate
+    from peft_fish_ird import FishIRDConfig
+    from peft_fish_ird.data import fisher_batches, move_to
+
+    device, out = args.device, {}
+    for n in args.prepare_samples:
+        examples = as_examples(make_batches(n, args.fisher_batch, args.tokens, "cpu", seed=5))
+        config = FishIRDConfig(task_type="SEQ_CLS", num_samples=n, fisher_batch_size=args.fisher_batch)
+        model = get_peft_model(load_model(device), config)
+        draw = dict(model=model, num_samples=n, seed=0, batch_size=args.fisher_batch, data_collator=collate)
+        batches = [move_to(b, device) for b in fisher_batches(examples, **draw).batches]
+        plain_model = load_model(device)
+        records = []
+
+        def plain() -> None:
+            for p in plain_model.parameters():
+                p.requires_grad_(True)
+            for b in batches:
+                plain_model(**b).loss.backward()
+            plain_model.zero_grad(set_to_none=True)
+
+        def prepare() -> None:
+            records.append(model.prepare(examples, data_collator=collate, progress=False))
+
+        times = interleaved({"plain_pass": plain, "prepare": prepare}, args.repeats_prepare, device)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        start = time.perf_counter()
+        fisher_batches(examples, **draw)
+        draw_seconds = time.perf_counter() - start
+        fisher_seconds = statistics.median(r.fisher_seconds for r in records)
+        out[str(n)] = {
+            "samples": n,
+            "seconds_median": med,
+            "ratio_to_plain_pass": med["prepare"] / med["plain_pass"],
+            "ratio_paired_quartiles": paired_quartiles(times, "plain_pass")["prepare"],
+            "breakdown_seconds": {
+                "draw_and_collate": draw_seconds,
+                "fisher_engine": fisher_seconds,
+                "selection_fill_and_checks": med["prepare"] - fisher_seconds - draw_seconds,
+            },
+            "seconds_all": times,
+        }
     return out

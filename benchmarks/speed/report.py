@@ -35,6 +35,26 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"top-0.5% mask identical: {f['top_0.5pct_mask_identical_to_loop']}; "
             f"speed-up {f['engine_speedup_vs_loop']:.2f}x.",
         ]
+    prep = result.get("prepare")
+    if prep:
+        lines += [
+            "",
+            "## `prepare` end to end (draw + collate, Fisher pass, selection, filling the layers)",
+            "",
+            "× one plain fwd+bwd pass over the same collated batches; in brackets the quartiles of the "
+            "per-repeat ratios. Breakdown: medians of the Fisher engine's own time, one timed draw, the rest.",
+            "",
+            "| samples | prepare s | plain pass s | × plain pass | draw + collate s | Fisher engine s | "
+            "selection, fill, checks s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in prep.values():
+            med, q, b = row["seconds_median"], row["ratio_paired_quartiles"], row["breakdown_seconds"]
+            lines.append(
+                f"| {row['samples']} | {med['prepare']:.2f} | {med['plain_pass']:.2f} | "
+                f"{row['ratio_to_plain_pass']:.2f} [{q[0]:.2f}–{q[2]:.2f}] | {b['draw_and_collate']:.2f} | "
+                f"{b['fisher_engine']:.2f} | {b['selection_fill_and_checks']:.2f} |"
+            )
     lines += [
         "",
         f"## Training step (batch {t['batch']}, {t['tokens']} tokens, AdamW; FishIRD keep_ratio "
