@@ -193,3 +193,12 @@ def adapter_masks(peft_model, adapter: str = "default") -> dict:
         if isinstance(module, FishIRDLayer)
         for p in module.base_param_names()
     }
+
+
+def adamw_steps(model, params, batch: dict, steps: int = 3, lr: float = 1e-2) -> None:
+    """A few AdamW steps of ``model`` on one batch (its own loss), training ``params``."""
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import adapter_masks, lm_collate, lm_examples, tiny_llama
+from conftest import adamw_steps, adapter_masks, lm_collate, lm_examples, tiny_llama
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -130,12 +130,7 @@ def test_training_moves_only_the_values_and_leaves_the_packed_base_untouched(flo
     packed = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.dtype == torch.uint8}
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    batch = lm_collate(lm_examples(8, seed=4))
-    for _ in range(3):
-        peft_model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    adamw_steps(peft_model, trainable, lm_collate(lm_examples(8, seed=4)))
     assert packed and all(torch.equal(p, packed[n]) for n, p in peft_model.named_parameters() if n in packed)
     assert all(not torch.equal(p, b) for p, b in zip(trainable, before) if p.numel())
 

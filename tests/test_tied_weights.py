@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import adapter_masks, lm_collate, lm_examples, randomize_values, tiny_llama
+from conftest import adamw_steps, adapter_masks, lm_collate, lm_examples, randomize_values, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -134,12 +134,7 @@ def test_both_uses_share_one_values_parameter_and_training_moves_only_its_entrie
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p is values for p in trainable) == 1
     before = {n: p.detach().clone() for n, p in tiny_llama(tied=True).named_parameters()}
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    batch = lm_collate(lm_examples(8, seed=5))
-    for _ in range(3):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    adamw_steps(model, trainable, lm_collate(lm_examples(8, seed=5)))
     masks = {k: set(v.tolist()) for k, v in adapter_masks(model).items()}
     merged = model.merge_and_unload()
     after = dict(merged.named_parameters())
