@@ -108,16 +108,16 @@ class MatrixPattern:
 
     @classmethod
     def build(cls, flat: torch.Tensor, rows: int, cols: int, strategy: Optional[str] = None) -> "MatrixPattern":
-        """The layout for ``strategy``; ``None``: autotuned at first use (``FISHIRD_AUTOTUNE=0``:
-        the cost model's choice now)."""
+        """The layout for ``strategy``; ``"auto"``: timed at first use (``tune``); ``None``: ``"auto"``
+        unless ``FISHIRD_AUTOTUNE=0``, then the cost model's choice now."""
         r, c = flat // cols, flat % cols
         used_rows, row_pos = torch.unique(r, return_inverse=True)
         used_cols, col_pos = torch.unique(c, return_inverse=True)
         used = (used_rows.numel(), used_cols.numel())
         if strategy is None:
-            if autotune_enabled():
-                return cls(flat, rows, cols, AUTOTUNE_STRATEGY, used=used)
-            strategy = choose_strategy(flat.numel(), rows, cols, *used)
+            strategy = AUTOTUNE_STRATEGY if autotune_enabled() else choose_strategy(flat.numel(), rows, cols, *used)
+        if strategy == AUTOTUNE_STRATEGY:
+            return cls(flat, rows, cols, AUTOTUNE_STRATEGY, used=used)
         elif strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGIES}.")
         pattern = cls._layout(flat, rows, cols, strategy, r, c, used_rows, row_pos, used_cols, col_pos)

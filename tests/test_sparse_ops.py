@@ -203,6 +203,14 @@ def test_autotune_times_every_strategy_once_keeps_the_fastest_and_caches_it(monk
     assert twin.strategy == "cols" and twin.timings is None
 
 
+def test_an_explicit_auto_pattern_is_tuned_even_with_the_autotune_off(monkeypatch):
+    monkeypatch.setenv(sparse_ops.AUTOTUNE_ENV, "0")
+    flat = _clustered_columns(48, 40, used_cols=3, per_col=7)
+    pattern = sparse_ops.MatrixPattern.build(flat, 48, 40, sparse_ops.AUTOTUNE_STRATEGY)
+    a, b = _operands(48, 40)
+    assert pattern.tune(a, b) in sparse_ops.STRATEGIES and pattern.strategy in sparse_ops.STRATEGIES
+
+
 def test_autotune_off_uses_the_cost_model(monkeypatch):
     monkeypatch.setenv(sparse_ops.AUTOTUNE_ENV, "0")
     flat = _clustered_columns(384, 384, used_cols=4, per_col=100)

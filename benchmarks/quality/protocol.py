@@ -79,12 +79,13 @@ def acceptance_lines(records: list[Record]) -> list[str]:
     """PASS / FAIL of the protocol's criteria, pooled over every task and the budgets 0.2% and 0.5%."""
     lines = []
     for method, baseline, min_mean, min_low in ACCEPTANCE:
-        cells = [
-            list(paired_differences([r for r in records if r["task"] == task], method, ratio, baseline).values())
-            for task in dict.fromkeys(r["task"] for r in records)
+        keyed = [
+            (ratio, list(paired_differences([r for r in records if r["task"] == t], method, ratio, baseline).values()))
+            for t in dict.fromkeys(r["task"] for r in records)
             for ratio in ACCEPTANCE_BUDGETS
         ]
-        cells = [c for c in cells if c]
+        budgets = ", ".join(f"{100 * ratio:g}%" for ratio in dict.fromkeys(ratio for ratio, c in keyed if c))
+        cells = [c for _, c in keyed if c]
         diffs = [d for c in cells for d in c]
         if len(diffs) < 2:
             continue
@@ -92,7 +93,7 @@ def acceptance_lines(records: list[Record]) -> list[str]:
         low, _ = bootstrap_ci(diffs)
         verdict = "PASS" if mean >= min_mean and low > min_low else "FAIL"
         lines.append(
-            f"- **{verdict}** {method} − {baseline}, pooled over {len(cells)} task × budget cells (0.2%, 0.5%): "
+            f"- **{verdict}** {method} − {baseline}, pooled over {len(cells)} task × budget cells ({budgets}): "
             f"{fmt_ci(diffs)}; "
             f"needs a mean ≥ {100 * min_mean:+.1f} pp and an interval above {100 * min_low:+.1f} pp."
         )
