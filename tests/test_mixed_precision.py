@@ -47,15 +47,20 @@ def test_sharded_parameters_are_refused_before_the_fisher_pass():
         model.prepare(make_examples(24), data_collator=pad_collate, progress=False)
 
 
-def test_fsdp_wrapped_module_is_refused(tmp_path):
+def test_fsdp2_is_accepted_and_dtensor_outside_fsdp2_is_refused(tmp_path):
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    # a real FSDP2 module: fully_shard needs a process group, here one process with gloo
+    # real FSDP2 / DTensor modules need a process group: here one process with gloo
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        sharded = fully_shard(nn.Sequential(nn.Linear(2, 2)))
-        with pytest.raises(RuntimeError, match="FSDP"):
-            distributed.check_not_sharded(sharded)
+        distributed.check_not_sharded(fully_shard(nn.Sequential(nn.Linear(2, 2))))  # prepare supports FSDP2
+        tensor_parallel = nn.Linear(2, 2)
+        mesh = init_device_mesh("cpu", (1,))
+        tensor_parallel.weight = nn.Parameter(distribute_tensor(tensor_parallel.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(RuntimeError, match="DTensor-sharded parameters \\(outside FSDP2\\)"):
+            distributed.check_not_sharded(tensor_parallel)
     finally:
         dist.destroy_process_group()
