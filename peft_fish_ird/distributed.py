@@ -54,12 +54,10 @@ def sync_module_states(model: nn.Module) -> None:
     the Fisher pass sees the same weights everywhere - e.g. a randomly initialised task head."""
     if not is_distributed():
         return
-    from torch.distributed.tensor import DTensor
-
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             data = tensor.data
-            if isinstance(tensor, DTensor) or isinstance(data, DTensor):
+            if is_dtensor(tensor):
                 continue  # FSDP2's shards differ per rank by design; fully_shard laid them out from one model
             shared, home = collective_tensor(data)
             dist.broadcast(shared, src=0)
@@ -98,6 +96,13 @@ def collective_tensor(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.device]
     return tensor, home
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (or its ``.data``) is a ``DTensor``: a shard laid out by FSDP2 or tensor parallelism."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor) or isinstance(getattr(tensor, "data", None), DTensor)
+
+
 def uses_fsdp2(model: nn.Module) -> bool:
     """Whether ``model`` holds modules sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
     from torch.distributed.fsdp import FSDPModule
@@ -115,7 +120,6 @@ def check_not_sharded(model: nn.Module) -> None:
     lockstep (``needs_lockstep``). Other sharding would silently produce partial scores.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise RuntimeError(_SHARDED_MESSAGE.format(what="FSDP1 (FullyShardedDataParallel)"))
@@ -123,7 +127,7 @@ def check_not_sharded(model: nn.Module) -> None:
     for param in model.parameters():
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):  # DeepSpeed marks partitioned parameters
             raise RuntimeError(_SHARDED_MESSAGE.format(what="DeepSpeed ZeRO-3"))
-        if not fsdp2 and (isinstance(param, DTensor) or isinstance(getattr(param, "data", None), DTensor)):
+        if not fsdp2 and is_dtensor(param):
             raise RuntimeError(_SHARDED_MESSAGE.format(what="DTensor-sharded parameters (outside FSDP2)"))
 
 

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable
 from typing import Any, Optional
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -67,12 +66,6 @@ def prepare_adapter(
     return outcome.record
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
 def check_can_prepare(tuner: Any, adapter: str, layers: dict[str, FishIRDLayer], overwrite: bool) -> None:
     """Refuse what ``prepare`` cannot do safely: no targets, merged layers, trained values."""
     if not layers:
@@ -83,7 +76,8 @@ def check_can_prepare(tuner: Any, adapter: str, layers: dict[str, FishIRDLayer],
             "built before this call is stale - build it (or the Trainer's) again.",
             adapter,
         )
-    if any(_is_dtensor(layer.values(p)[adapter]) for layer in layers.values() for p in layer.base_param_names()):
+    values = [layer.values(p)[adapter] for layer in layers.values() for p in layer.base_param_names()]
+    if any(distributed.is_dtensor(v) for v in values):
         raise RuntimeError(
             "fully_shard was applied after get_peft_model, so FSDP2 manages FishIRD's (still empty) values and "
             "prepare cannot replace them. Either prepare first and then fully_shard, or fully_shard the base "

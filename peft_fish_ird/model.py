@@ -21,6 +21,7 @@ from torch import nn
 
 from .adapter_state import count_parameters_of, fishird_layers_of, head_wrappers_of
 from .config import PREFIX, FishIRDConfig
+from .distributed import is_dtensor
 from .functional import prepare_adapter
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
 from .layer_types import describe_supported, layer_type_for
@@ -114,7 +115,9 @@ class FishIRDModel(BaseTuner):
 
         A shared tensor whose other use is not targeted is refused: the delta would apply at one
         use, and a merge (which writes the shared tensor) would change the other."""
-        shared = getattr(self, "_shared_tensors", None) or shared_tensor_users(self.model)
+        shared = getattr(self, "_shared_tensors", None)  # found once per injection, in _prepare_model
+        if shared is None:
+            shared = shared_tensor_users(self.model)
         owners: dict[str, FishIRDLayer] = {}
         for param_name, tensor in layer_type_for(target).parameters_of(target).items():
             for other in shared.get(id(tensor), []):
@@ -181,7 +184,7 @@ class FishIRDModel(BaseTuner):
             raise UnpreparedAdapterError(unprepared_message(adapter_name))
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for key, tensor in to_return.items():
-            if _is_sharded(tensor):  # values FSDP2 shards (fully_shard after prepare): every rank gathers them
+            if is_dtensor(tensor):  # values FSDP2 shards (fully_shard after prepare): every rank gathers them
                 tensor = to_return[key] = tensor.full_tensor()
             if indices_key_target(key) is not None:
                 to_return[key] = compact_indices(tensor)
@@ -289,12 +292,6 @@ class FishIRDModel(BaseTuner):
             progress=progress,
             overwrite=overwrite,
         )
-
-
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def default_target_modules(
