@@ -153,8 +153,11 @@ class MatrixPattern:
         warm-up call, then the better of two timed calls) unless a similar pattern already chose;
         become that layout. Returns the choice."""
         key = self.autotune_key(a.shape[0], a.device, a.dtype)
-        candidates = {s: MatrixPattern.build(self.flat, self.rows, self.cols, s) for s in STRATEGIES}
         choice = _TUNED.get(key)
+        # a cached choice needs only its own layout; timing needs every candidate's
+        candidates = {
+            s: MatrixPattern.build(self.flat, self.rows, self.cols, s) for s in ([choice] if choice else STRATEGIES)
+        }
         if choice is None:
             timings = {s: math.inf for s in STRATEGIES}
             for repeat in range(3):
