@@ -29,7 +29,7 @@ from torch import nn
 
 from .data import check_sequence_length, fisher_batches, move_to
 from .fisher import compute_fisher, rule_for
-from .fisher.tied import check_every_use_targeted
+from .fisher.tied import check_every_use_targeted, tied_aliases
 from .layer_types import describe_supported, layer_type_for
 from .layer_types.bnb import packed_numel
 from .selection import select, sparse_budget, top_k_positions
@@ -270,14 +270,13 @@ def _target_params(targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     """``"<module>.<weight|bias>"`` -> the parameter, for the parameters the Fisher engine scores; a
     tensor shared by several targets (tied weights) once, under its first use's name, as the engine
     keys it."""
-    params: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, module in targets.items():
-        for p, tensor in layer_type_for(module).parameters_of(module).items():
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                params[f"{name}.{p}"] = tensor
-    return params
+    aliases = tied_aliases(targets)  # the engine's own rule for which use names a shared tensor
+    return {
+        f"{name}.{p}": tensor
+        for name, module in targets.items()
+        for p, tensor in layer_type_for(module).parameters_of(module).items()
+        if f"{name}.{p}" not in aliases
+    }
 
 
 def _check_counts(model: nn.Module, targets: Mapping[str, nn.Module], budget: Mapping[str, int]) -> dict[str, int]:
