@@ -230,6 +230,18 @@ class FishIRDConfig(PeftConfig):
             )
         },
     )
+    keep_effective_weight: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Training memory vs speed of a Linear/Conv1D's fast path. False (default): backward rebuilds "
+                "W0 + delta from the frozen base for the input gradient, so no layer holds a second copy of its "
+                "weight between forward and backward. True: keep the copy made in forward - about 3% faster "
+                "per step on a small model (MiniLM, 1024 tokens; less with more tokens), at one extra weight of "
+                "memory per adapted layer, i.e. the adapted part of the model once more. Same results either way."
+            )
+        },
+    )
     selection_record: Optional[dict[str, Any]] = field(
         default=None,
         metadata={
@@ -323,7 +335,7 @@ class FishIRDConfig(PeftConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported: choose one of {allowed}.")
-        for name in ("init_weights", "head_in_budget"):
+        for name in ("init_weights", "head_in_budget", "keep_effective_weight"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         _check_fraction("ird_shrink", self.ird_shrink, "e.g. 0.5 to halve the ranges each round")

@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from .layer_types import ParamSpec, describe_supported, is_supported, layer_type_for
+from .layer_types import ParamSpec, describe_supported, in_out_features, is_supported, layer_type_for
 
 PARAM_NAMES = ("weight", "bias")  # the per-adapter containers below; a layer type uses a subset
 
@@ -55,7 +55,13 @@ class FishIRDLayer(BaseTunerLayer):
     """State and bookkeeping of the sparse delta (PEFT's tuner-layer contract)."""
 
     adapter_layer_names = ("fishird_weight_values", "fishird_bias_values")
-    other_param_names = ("fishird_weight_indices", "fishird_bias_indices", "fishird_prepared", "_trainable_intent")
+    other_param_names = (
+        "fishird_weight_indices",
+        "fishird_bias_indices",
+        "fishird_prepared",
+        "_trainable_intent",
+        "keep_effective_weight",
+    )
 
     def __init__(self, base_layer: nn.Module, tied: Optional[dict[str, "FishIRDLayer"]] = None, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -70,6 +76,8 @@ class FishIRDLayer(BaseTunerLayer):
         self.fishird_bias_indices = BufferDict({}, persistent=True)
         self.fishird_prepared: dict[str, bool] = {}
         self._trainable_intent: dict[str, bool] = {}
+        # adapter -> FishIRDConfig.keep_effective_weight (the Linear fast path's memory/speed choice)
+        self.keep_effective_weight: dict[str, bool] = {}
         self._merge_backups: dict[str, dict[str, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -359,21 +367,6 @@ def _shadowing_views_replaced(module: nn.Module, params: dict[str, torch.Tensor]
         yield
     finally:
         module.__dict__.update(saved)
-
-
-def in_out_features(base: nn.Module) -> tuple[Optional[int], Optional[int]]:
-    """PEFT's ``in_features`` / ``out_features`` of a base layer (Embedding: vocabulary, dimension;
-    GPT-2 Conv1D: its (in x out) weight's shape; a norm: its size twice)."""
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    if isinstance(base, nn.Embedding):
-        return base.num_embeddings, base.embedding_dim
-    weight = getattr(base, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return None, None
-    if weight.dim() == 2:
-        return int(weight.shape[0]), int(weight.shape[1])
-    return int(weight.shape[-1]), int(weight.shape[-1])
 
 
 def _resize_pre_hook(module: FishIRDModule, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -96,6 +96,7 @@ class FishIRDModel(BaseTuner):
     ) -> None:
         if isinstance(target, FishIRDLayer):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode)
+            target.keep_effective_weight[adapter_name] = peft_config.keep_effective_weight
             return
         if not is_supported_layer(target):
             raise TypeError(
@@ -104,6 +105,7 @@ class FishIRDModel(BaseTuner):
             )
         tied = self._tied_owners(peft_config, target, current_key)
         new_module = FishIRDModule(target, adapter_name, inference_mode=peft_config.inference_mode, tied=tied)
+        new_module.keep_effective_weight[adapter_name] = peft_config.keep_effective_weight
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

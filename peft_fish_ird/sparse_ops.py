@@ -13,7 +13,9 @@ fastest (an autotune, cached by shape, entry counts, token count and device: sim
 timed once). ``FISHIRD_AUTOTUNE=0`` falls back to ``choose_strategy``, a cost model fitted on one
 CPU: deterministic, but it picked the fastest way for only 27 of 37 layers on another machine.
 The strategies agree up to float rounding, so with the autotune two runs may differ by rounding.
-The custom function saves x and the step's effective weight (needed for the input gradient).
+The custom function saves x; the input gradient's effective weight is rebuilt in backward from the
+frozen base (one transient weight at a time, ~3% of a MiniLM step at 1024 tokens, less at more
+tokens), or kept from forward when ``FishIRDConfig.keep_effective_weight`` asks for speed over memory.
 
 Embedding: ``W0[ids] + D[pos(ids)]`` where D is a compact table holding only the rows that
 have entries (plus a zero row), so neither forward nor backward touches a vocab-sized delta.
@@ -209,7 +211,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
     """y = x M_eff^T + b_eff (Linear) or x M_eff + b_eff (Conv1D), M_eff = M0 + scatter(values)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pattern, w_values, b_idx, b_values, conv1d):  # noqa: D401
+    def forward(ctx, x, weight, bias, pattern, w_values, b_idx, b_values, conv1d, keep_weight):  # noqa: D401
         w_eff = _effective(weight, pattern.flat, w_values)
         b_eff = bias if (bias is None or b_idx is None) else _effective(bias, b_idx, b_values)
         if conv1d:
@@ -218,15 +220,17 @@ class _SparseDeltaMatmul(torch.autograd.Function):
             out = out.view(*x.shape[:-1], w_eff.shape[1])
         else:
             out = F.linear(x, w_eff, b_eff)
-        # the input gradient needs M_eff: keeping this step's copy costs one weight of memory per
-        # layer until backward and saves rebuilding it (measured ~3% of a step, benchmarks/speed)
-        ctx.save_for_backward(x, w_eff if ctx.needs_input_grad[0] else None, w_values, b_idx)
-        ctx.pattern, ctx.conv1d = pattern, conv1d
+        # the input gradient needs M_eff. keep_weight: hold this step's copy until backward (one
+        # weight of memory per layer, the whole model's worth at once); otherwise rebuild it there
+        # from the frozen base (saved by reference) - the same index_add, so the same bits.
+        keep = keep_weight and ctx.needs_input_grad[0]
+        ctx.save_for_backward(x, w_eff if keep else weight, w_values, b_idx)
+        ctx.pattern, ctx.conv1d, ctx.kept = pattern, conv1d, keep
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_eff, w_values, b_idx = ctx.saved_tensors
+        x, weight, w_values, b_idx = ctx.saved_tensors
         pattern, conv1d = ctx.pattern, ctx.conv1d
         grad_x = grad_w = grad_b = None
         # 2-D from here on: grad_out often arrives non-contiguous (attention's head permutes), and a
@@ -234,6 +238,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
+            w_eff = weight if ctx.kept else _effective(weight, pattern.flat, w_values)
             w_eff = w_eff.to(grad_out.dtype)  # autocast: grads may be bf16
             grad_x = (g2 @ (w_eff.t() if conv1d else w_eff)).view(*x.shape[:-1], -1).to(x.dtype)
         if ctx.needs_input_grad[4]:
@@ -241,7 +246,7 @@ class _SparseDeltaMatmul(torch.autograd.Function):
             grad_w = pattern.sampled(a.float(), b.float()).to(w_values.dtype)
         if b_idx is not None and ctx.needs_input_grad[6]:
             grad_b = g2.float().sum(0)[b_idx].to(w_values.dtype)
-        return grad_x, None, None, None, grad_w, None, grad_b, None
+        return grad_x, None, None, None, grad_w, None, grad_b, None, None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -262,9 +267,13 @@ def sparse_delta_matmul(
     b_idx: Optional[torch.Tensor],
     b_values: Optional[torch.Tensor],
     conv1d: bool,
+    keep_weight: bool = False,
 ) -> torch.Tensor:
-    """Forward of a Linear/Conv1D with sparse deltas on weight (and bias); see module docstring."""
-    return _SparseDeltaMatmul.apply(x, weight, bias, pattern, w_values, b_idx, b_values, conv1d)
+    """Forward of a Linear/Conv1D with sparse deltas on weight (and bias); see module docstring.
+
+    ``keep_weight``: keep the step's effective weight for backward instead of rebuilding it there
+    (``FishIRDConfig.keep_effective_weight``): a little faster, one weight of memory per layer."""
+    return _SparseDeltaMatmul.apply(x, weight, bias, pattern, w_values, b_idx, b_values, conv1d, keep_weight)
 
 
 @dataclass

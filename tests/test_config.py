@@ -1,6 +1,7 @@
 """FishIRDConfig validates at the boundary with errors naming field, value and fix."""
 
 import pytest
+from conftest import tiny_bert
 
 from peft_fish_ird import FishIRDConfig
 
@@ -17,6 +18,7 @@ from peft_fish_ird import FishIRDConfig
         ({"budget": "layerwise"}, "budget"),
         ({"fisher_batch_size": 0}, "fisher_batch_size"),
         ({"head_in_budget": "yes"}, "head_in_budget"),
+        ({"keep_effective_weight": 1}, "keep_effective_weight"),
         ({"seed": 1.0}, "seed"),
         ({"target_parameters": ["weight"]}, "target_parameters"),
     ],
@@ -46,3 +48,14 @@ def test_every_field_has_help_text():
     for f in fields(FishIRDConfig):
         if f.name in own:
             assert f.metadata.get("help"), f.name
+
+
+def test_keep_effective_weight_reaches_every_adapted_layer():
+    from peft import get_peft_model
+
+    from peft_fish_ird.layer import FishIRDLayer
+
+    for keep in (False, True):
+        model = get_peft_model(tiny_bert(), FishIRDConfig(task_type="SEQ_CLS", keep_effective_weight=keep))
+        layers = [m for m in model.modules() if isinstance(m, FishIRDLayer)]
+        assert layers and all(m.keep_effective_weight == {"default": keep} for m in layers)

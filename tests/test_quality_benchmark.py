@@ -425,3 +425,42 @@ def test_choice_logits_read_the_answer_tokens_at_the_prompts_end():
     picked, gold = choice_logits(logits, labels, choices)
     assert gold.tolist() == [1, 0]
     assert torch.equal(picked[0], logits[0, 1, [7, 3]]) and torch.equal(picked[1], logits[1, 0, [7, 3]])
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_validation_weights(monkeypatch):
+    import torch
+    from transformers import TrainerControl
+
+    from benchmarks.quality import run
+
+    accuracies = iter([0.5, 0.7, 0.6, 0.65, 0.9])
+    monkeypatch.setattr(run, "evaluate", lambda *args, **kwargs: {"accuracy": next(accuracies)})
+    model = torch.nn.Linear(1, 1)
+    frozen = model.bias.requires_grad_(False).detach().clone()
+    curve = run.ValidationCurve(
+        data=type("Data", (), {"validation": [], "collator": None, "choices": None})(),
+        every=1,
+        batch_size=1,
+        patience=2,
+    )
+    control = TrainerControl()
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.fill_(float(step))  # "training" moves the weight; step 2 is validation's best
+        state = type("State", (), {"global_step": step, "max_steps": 5})()
+        curve.on_step_end(None, state, control, model=model)
+        if control.should_training_stop:
+            break
+    assert step == 4 and curve.stopped_step == 4  # 0.6 and 0.65 fail to beat 0.7: two in a row
+    assert [p[1] for p in curve.points] == [0.5, 0.7, 0.6, 0.65]
+    curve.restore_best(model)
+    assert float(model.weight) == 2.0 and torch.equal(model.bias, frozen)
+    assert curve.final == {"accuracy": 0.7, "best_step": 2, "stopped_step": 4}
+
+
+@pytest.mark.parametrize("patience, eval_every, message", [(0, 36, "positive"), (2, None, "eval_every")])
+def test_early_stopping_needs_a_positive_patience_and_a_validation_curve(patience, eval_every, message):
+    exp = load_profile(DEFAULT_CONFIG, "default").experiments[0]
+    exp.settings["train"]["patience"], exp.settings["train"]["eval_every"] = patience, eval_every
+    with pytest.raises(BenchmarkError, match=message):
+        validate_experiment(exp)

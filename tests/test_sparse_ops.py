@@ -1,7 +1,5 @@
 """Fast sparse-delta forward/backward equals the slow obvious path (dense effective weight + autograd)."""
 
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -187,13 +185,15 @@ def test_autotune_times_every_strategy_once_keeps_the_fastest_and_caches_it(monk
     pattern = sparse_ops.MatrixPattern.build(flat, 96, 80)
     assert pattern.strategy == sparse_ops.AUTOTUNE_STRATEGY
     original = sparse_ops.MatrixPattern.sampled
+    clock = [0.0]  # a virtual clock: "cols" the fastest whatever this machine's (or its load's) real speeds
 
-    def slow_unless_cols(self, a, b):  # make "cols" the fastest, whatever this machine's real speeds
-        if self.strategy not in ("cols", sparse_ops.AUTOTUNE_STRATEGY):
-            time.sleep(0.004)
+    def slow_unless_cols(self, a, b):
+        if self.strategy != sparse_ops.AUTOTUNE_STRATEGY:
+            clock[0] += 0.001 if self.strategy == "cols" else 0.005
         return original(self, a, b)
 
     monkeypatch.setattr(sparse_ops.MatrixPattern, "sampled", slow_unless_cols)
+    monkeypatch.setattr(sparse_ops, "time", type("VirtualTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
     a, b = _operands(96, 80)
     got = pattern.sampled(a, b)
     assert pattern.strategy == "cols" and set(pattern.timings) == set(sparse_ops.STRATEGIES)
@@ -225,3 +225,34 @@ def test_autotuned_fast_path_matches_reference(name, make, shape):
     fast, slow = _run(layer, x, True), _run(layer, x, False)
     for key in slow[2]:
         assert _close(fast[2][key], slow[2][key], 1e-5), key
+
+
+def _saved_weight_copies(layer, x):
+    """Tensors of the base weight's shape that the fast path saves for backward, other than the base itself."""
+    weight = layer.get_base_layer().weight
+    copies = []
+
+    def pack(t):
+        if t.shape == weight.shape and t.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+            copies.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x.clone().requires_grad_(True)).sum().backward()
+    return copies
+
+
+@pytest.mark.parametrize("name, make, shape", CASES, ids=[c[0] for c in CASES])
+def test_fast_path_keeps_no_copy_of_the_weight_unless_asked_and_gives_the_same_bits(name, make, shape):
+    layer = _module(make(), 0.05)
+    layer.use_fast_path = True
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    assert layer.keep_effective_weight.get("default", False) is False  # the default: rebuild in backward
+    assert _saved_weight_copies(layer, x) == []
+    rebuilt = _run(layer, x, True)
+    layer.keep_effective_weight["default"] = True
+    assert len(_saved_weight_copies(layer, x)) == 1
+    kept = _run(layer, x, True)
+    assert torch.equal(rebuilt[0], kept[0]) and torch.equal(rebuilt[1], kept[1])
+    for key in kept[2]:
+        assert torch.equal(rebuilt[2][key], kept[2][key]), key

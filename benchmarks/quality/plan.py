@@ -248,6 +248,18 @@ def validate_experiment(exp: Experiment) -> None:
             f"Experiment {exp.name!r}: methods {grids} have a learning-rate grid, which is chosen on the "
             "validation split: set settings.data.validation to a positive size (carved from the training data)."
         )
+    patience = exp.settings["train"].get("patience")
+    if patience is not None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise BenchmarkError(
+                f"Experiment {exp.name!r}: settings.train.patience={patience!r} must be a positive number of "
+                "validation points (e.g. 2), or absent for no early stopping."
+            )
+        if not exp.settings["train"].get("eval_every") or not exp.settings["data"].get("validation"):
+            raise BenchmarkError(
+                f"Experiment {exp.name!r}: early stopping (settings.train.patience) watches the validation curve: "
+                "set settings.train.eval_every and settings.data.validation too."
+            )
     if head_of(exp) not in MODEL_HEADS:
         raise BenchmarkError(f"Model {exp.model!r}: head {head_of(exp)!r} is not one of {list(MODEL_HEADS)}.")
     if head_of(exp) == "lm":

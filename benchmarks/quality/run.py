@@ -136,17 +136,30 @@ class ValidationCurve(TrainerCallback):
 
     ``final`` keeps the metrics of the evaluation after the last step (the trained model's validation score).
     With ``at_start``, also the untrained model's (step 0: every method starts from the base model).
+
+    With ``patience`` (early stopping on validation, the same rule for every method): training stops
+    once ``patience`` validation points in a row fail to beat the best one, and ``restore_best`` puts
+    back the trainable weights of the best point (a copy kept in memory), whose metrics become
+    ``final``. So each method trains until its validation accuracy stops rising, and is judged at
+    its best point on validation - never on test.
     """
 
-    def __init__(self, data: TaskData, every: int, batch_size: int, at_start: bool = False) -> None:
+    def __init__(
+        self, data: TaskData, every: int, batch_size: int, at_start: bool = False, patience: Optional[int] = None
+    ) -> None:
         self.data, self.every, self.batch_size, self.at_start = data, every, batch_size, at_start
+        self.patience = patience
         self.points: list[list[float]] = []
         self.final: Optional[dict[str, float]] = None
+        self.best: Optional[tuple[int, dict[str, float], dict[str, torch.Tensor]]] = None  # step, metrics, weights
+        self.since_best = 0
+        self.stopped_step: Optional[int] = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.at_start:
             metrics = evaluate(model, self.data.validation, self.data.collator, self.batch_size, self.data.choices)
             self.points.append([0, metrics["accuracy"]])
+            self._consider(0, metrics, model)
             model.train()
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -154,7 +167,32 @@ class ValidationCurve(TrainerCallback):
             metrics = evaluate(model, self.data.validation, self.data.collator, self.batch_size, self.data.choices)
             self.points.append([state.global_step, metrics["accuracy"]])
             self.final = metrics if state.global_step == state.max_steps else None
+            self._consider(state.global_step, metrics, model)
+            if self.patience is not None and self.since_best >= self.patience and state.global_step < state.max_steps:
+                control.should_training_stop = True
+                self.stopped_step = state.global_step
             model.train()
+
+    def _consider(self, step: int, metrics: dict[str, float], model: Any) -> None:
+        if self.patience is None:
+            return
+        if self.best is None or metrics["accuracy"] > self.best[1]["accuracy"]:
+            weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.best, self.since_best = (step, dict(metrics), weights), 0
+        else:
+            self.since_best += 1
+
+    def restore_best(self, model: Any) -> None:
+        """Early stopping: put the best validation point's trainable weights back; its metrics become ``final``."""
+        if self.best is None:
+            return
+        step, metrics, weights = self.best
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        self.final = {**metrics, "best_step": step, "stopped_step": self.stopped_step}
+        self.best = (step, metrics, {})  # the copy is no longer needed
 
 
 def train(
@@ -163,11 +201,18 @@ def train(
     """HF Trainer on the train split; returns (seconds, mean training loss, validation curve).
 
     No checkpoints, no reporting. No curve without a validation split or ``train.eval_every``.
+    With ``train.patience``, early stopping on validation (``ValidationCurve``): the model returned
+    holds the best validation point's weights.
     """
     t = settings["train"]
     every = t.get("eval_every")
     at_start = bool(t.get("eval_at_start", False))
-    curve = ValidationCurve(data, every, settings["eval_batch_size"], at_start) if every and data.validation else None
+    patience = t.get("patience")
+    curve = (
+        ValidationCurve(data, every, settings["eval_batch_size"], at_start, patience)
+        if every and data.validation
+        else None
+    )
     with tempfile.TemporaryDirectory(prefix="quality_trainer_") as out:
         args = TrainingArguments(
             output_dir=out,
@@ -192,6 +237,8 @@ def train(
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
+    if curve is not None and patience is not None:
+        curve.restore_best(model)
     return seconds, float(result.training_loss), curve
 
 

@@ -11,7 +11,8 @@ What is measured (all-MiniLM-L6-v2, 64 tokens; methods interleaved, medians of -
   of the engine vs the loop and identity of the top-0.5% masks.
 * ``prepare`` end to end at 128 and 1024 samples (``--prepare-samples``) vs one plain pass over the
   same collated batches, with where its time goes (drawing and collating, the engine, the rest).
-* Training step (batch 16, AdamW): FishIRD (fast path and the slow reference path) with
+* Training step (batch 16, AdamW): FishIRD (fast path; fast path with keep_effective_weight=True,
+  which keeps each layer's W0 + delta from forward for backward; the slow reference path) with
   keep_ratio matched to LoRA r=8 on query/key/value/dense, vs LoRA, full fine-tuning, the FISH
   reference's dense masked gradients and PEFT's SHiRA. Peak RSS (or CUDA peak memory) per method
   in a fresh process; optimizer state bytes.
@@ -23,4 +24,4 @@ What is measured (all-MiniLM-L6-v2, 64 tokens; methods interleaved, medians of -
 """
 
 LORA_TARGETS = ["query", "key", "value", "dense"]
-TRAIN_METHODS = ("lora", "fishird", "fishird_reference", "full", "fish_dense_mask", "shira")
+TRAIN_METHODS = ("lora", "fishird", "fishird_keep", "fishird_reference", "full", "fish_dense_mask", "shira")

@@ -66,7 +66,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "| method | trainable | step × LoRA | peak memory × LoRA | peak memory MB | optimizer state MB |",
         "|---|---|---|---|---|---|",
     ]
-    for m in TRAIN_METHODS:
+    for m in _train_methods(t):
         q = t["step_ratio_to_lora_paired_quartiles"][m]
         lines.append(
             f"| {m} | {t['trainable'][m]:,} | {t['step_ratio_to_lora'][m]:.2f} [{q[0]:.2f}–{q[2]:.2f}] | "
@@ -150,11 +150,12 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         (axes[1], "step_ratio_to_lora", "training step time × LoRA"),
         (axes[2], "peak_memory_ratio_to_lora", "peak memory × LoRA"),
     ):
+        methods = _train_methods(t)
         ax.bar(
-            list(TRAIN_METHODS),
-            [t[key][m] for m in TRAIN_METHODS],
+            methods,
+            [t[key][m] for m in methods],
             color="tab:green",
-            yerr=_quartile_bars(t[key], quartiles.get(key), TRAIN_METHODS),
+            yerr=_quartile_bars(t[key], quartiles.get(key), methods),
             capsize=3,
         )
         ax.axhline(1.0, color="red", ls="--", lw=1)
@@ -163,3 +164,8 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _train_methods(training: dict) -> list[str]:
+    """The training methods a result holds, in TRAIN_METHODS order (older results lack newer methods)."""
+    return [m for m in TRAIN_METHODS if m in training["trainable"]]

@@ -28,14 +28,18 @@ def build_method(name: str, device: str, keep_ratio: float, examples: list[dict[
         model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=8, target_modules=LORA_TARGETS))
     elif name == "shira":
         model = get_peft_model(base, ShiraConfig(task_type="SEQ_CLS", r=8, target_modules=LORA_TARGETS))
-    elif name in ("fishird", "fishird_reference"):
-        model = get_peft_model(
-            base, FishIRDConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, num_samples=len(examples))
+    elif name in ("fishird", "fishird_keep", "fishird_reference"):
+        config = FishIRDConfig(
+            task_type="SEQ_CLS",
+            keep_ratio=keep_ratio,
+            num_samples=len(examples),
+            keep_effective_weight=name == "fishird_keep",
         )
+        model = get_peft_model(base, config)
         model.prepare(examples, data_collator=collate, progress=False)
         for m in model.modules():
             if isinstance(m, FishIRDLayer):
-                m.use_fast_path = name == "fishird"
+                m.use_fast_path = name != "fishird_reference"
     elif name == "full":
         model = base
     elif name == "fish_dense_mask":

@@ -24,7 +24,8 @@ def matmul_fast_forward(transposed: bool) -> Callable[[Any, torch.Tensor, str], 
         b_idx = b_values = None
         if base.bias is not None and layer.indices("bias")[adapter].numel():
             b_idx, b_values = layer.indices("bias")[adapter], layer.values("bias")[adapter]
-        return sparse_delta_matmul(x, base.weight, base.bias, pattern, w_values, b_idx, b_values, transposed)
+        keep = layer.keep_effective_weight.get(adapter, False)
+        return sparse_delta_matmul(x, base.weight, base.bias, pattern, w_values, b_idx, b_values, transposed, keep)
 
     return forward
 

@@ -213,3 +213,18 @@ def describe_supported() -> str:
 def batch_3d(t: torch.Tensor, batch: int, width: int) -> torch.Tensor:
     """``(B, tokens, width)`` float32 view of a batch-first activation or gradient (any middle dims)."""
     return t.reshape(batch, -1, width).float()
+
+
+def in_out_features(base: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    """PEFT's ``in_features`` / ``out_features`` of a base layer (Embedding: vocabulary, dimension;
+    GPT-2 Conv1D: its (in x out) weight's shape; a norm: its size twice)."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None, None
+    if weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])
+    return int(weight.shape[-1]), int(weight.shape[-1])
