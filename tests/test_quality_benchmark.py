@@ -464,3 +464,28 @@ def test_early_stopping_needs_a_positive_patience_and_a_validation_curve(patienc
     exp.settings["train"]["patience"], exp.settings["train"]["eval_every"] = patience, eval_every
     with pytest.raises(BenchmarkError, match=message):
         validate_experiment(exp)
+
+
+def test_head_probe_trains_only_the_head_and_restores_what_was_trainable():
+    import torch
+    from conftest import make_examples, pad_collate, tiny_bert
+
+    from benchmarks.quality.models import probe_head
+
+    model = tiny_bert()
+    body = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("classifier")}
+    head = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("classifier")}
+    info = probe_head(model, make_examples(24), pad_collate, {"steps": 5, "lr": 0.05, "batch_size": 8}, seed=0)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in body.items())  # the body is frozen while probing
+    assert all(not torch.equal(params[n], v) for n, v in head.items())
+    assert all(p.requires_grad for p in model.parameters())  # as before probing
+    assert info["steps"] == 5 and info["lr"] == 0.05
+
+
+def test_head_probe_settings_are_checked():
+    exp = load_profile(DEFAULT_CONFIG, "head_probe").experiments[1]
+    assert exp.settings["train"]["head_probe"]["steps"] == 48
+    exp.settings["train"]["head_probe"] = {"steps": 0, "lr": 0.01}
+    with pytest.raises(BenchmarkError, match="head_probe"):
+        validate_experiment(exp)

@@ -91,3 +91,48 @@ def load_model(location: str, num_labels: int, tokenizer: Any, seed: int, device
 
 def trainable_count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+HEAD_NAMES = ("classifier", "score")  # the new head of transformers' sequence classifiers (PEFT's SEQ_CLS)
+
+
+def probe_head(model: Any, train: Any, collator: Any, probe: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Linear probing before the method: train only the new head, the body frozen (the same for every
+    method, so a FISH mask is then chosen by gradients through a trained head, not a random one).
+
+    ``probe``: ``{"steps": N, "lr": rate, "batch_size": B}``; AdamW, constant rate, data order seeded.
+    Returns what it did (for the record).
+    """
+    heads = [m for n, m in model.named_children() if n in HEAD_NAMES] or [
+        m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in HEAD_NAMES
+    ]
+    if not heads:
+        raise BenchmarkError(f"head_probe: no head module named one of {HEAD_NAMES} in {type(model).__name__}.")
+    params = [p for head in heads for p in head.parameters()]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=float(probe["lr"]), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size, steps, done, losses = int(probe.get("batch_size", 16)), int(probe["steps"]), 0, []
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    while done < steps:
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            batch = collator([train[i] for i in order[start : start + batch_size]])
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            done += 1
+            if done == steps:
+                break
+    for p, flag in flags.items():
+        p.requires_grad_(flag)
+    model.train(was_training)
+    return {"steps": steps, "lr": float(probe["lr"]), "batch_size": batch_size, "last_loss": losses[-1]}

@@ -248,6 +248,18 @@ def validate_experiment(exp: Experiment) -> None:
             f"Experiment {exp.name!r}: methods {grids} have a learning-rate grid, which is chosen on the "
             "validation split: set settings.data.validation to a positive size (carved from the training data)."
         )
+    probe = exp.settings["train"].get("head_probe")
+    if probe is not None and (
+        not isinstance(probe, dict)
+        or not isinstance(probe.get("steps"), int)
+        or probe["steps"] < 1
+        or not isinstance(probe.get("lr"), (int, float))
+        or probe["lr"] <= 0
+    ):
+        raise BenchmarkError(
+            f"Experiment {exp.name!r}: settings.train.head_probe={probe!r} must be null (no probing) or "
+            '{"steps": positive int, "lr": positive rate, "batch_size": optional int}, e.g. {"steps": 48, "lr": 0.01}.'
+        )
     patience = exp.settings["train"].get("patience")
     if patience is not None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:

@@ -30,7 +30,7 @@ from transformers import (
 
 import peft_fish_ird
 from benchmarks.quality.methods import LoraOption, build_fishird, build_full, build_lora, lora_options
-from benchmarks.quality.models import load_model, load_tokenizer, model_location
+from benchmarks.quality.models import load_model, load_tokenizer, model_location, probe_head
 from benchmarks.quality.plan import SPARSE_METHODS, BenchmarkError, Cell, Experiment, head_of, task_type_of
 from benchmarks.quality.tasks import (
     TaskData,
@@ -120,12 +120,15 @@ class Context:
             self.built = None  # free the previous copy before building the next
             location, tokenizer = self.location(exp), self.tokenizer(exp)
             base = load_model(location, data.num_labels, tokenizer, cell.seed, self.device, head_of(exp))
+            probe = exp.settings["train"].get("head_probe")
+            probed = {"head_probe": probe_head(base, data.train, data.collator, probe, cell.seed)} if probe else {}
             if cell.method in SPARSE_METHODS:
                 model, info = build_fishird(base, cell, exp, data)
             elif cell.method == "lora":
                 model, info = build_lora(base, cell, exp, self.lora_options(exp, base, data.num_labels))
             else:
                 model, info = build_full(base)
+            info = {**info, **probed}
             self.built = (ident, model, info)
             return copy.deepcopy(model), {**info, "reused_build": False}
         return copy.deepcopy(self.built[1]), {**self.built[2], "reused_build": True}
