@@ -45,6 +45,9 @@ SUBSET_COST_FACTOR = 1.3  # a product over gathered rows/columns, plus the gathe
 STRATEGIES = ("dense", "rows", "cols", "sddmm")
 AUTOTUNE_ENV = "FISHIRD_AUTOTUNE"  # "0": no timing, the cost model chooses
 AUTOTUNE_STRATEGY = "auto"  # a pattern whose strategy is timed at its first use
+# timed calls per candidate (the best counts): near-ties of sub-millisecond products need a few to
+# come out the same way twice (2 calls left 1-2 of MiniLM's 37 layers 5-6% off the fastest)
+AUTOTUNE_TIMED_CALLS = 4
 _TUNED: dict[tuple, str] = {}  # autotune cache: pattern key -> fastest strategy
 
 
@@ -152,8 +155,8 @@ class MatrixPattern:
 
     def tune(self, a: torch.Tensor, b: torch.Tensor) -> str:
         """Choose the strategy of an ``"auto"`` pattern: time each candidate on these operands (one
-        warm-up call, then the better of two timed calls) unless a similar pattern already chose;
-        become that layout. Returns the choice."""
+        warm-up call, then the best of ``AUTOTUNE_TIMED_CALLS`` timed calls, the candidates taking
+        turns) unless a similar pattern already chose; become that layout. Returns the choice."""
         key = self.autotune_key(a.shape[0], a.device, a.dtype)
         choice = _TUNED.get(key)
         # a cached choice needs only its own layout; timing needs every candidate's
@@ -162,7 +165,7 @@ class MatrixPattern:
         }
         if choice is None:
             timings = {s: math.inf for s in STRATEGIES}
-            for repeat in range(3):
+            for repeat in range(1 + AUTOTUNE_TIMED_CALLS):
                 for name, pattern in candidates.items():
                     _synchronize(a.device)
                     start = time.perf_counter()

@@ -125,7 +125,11 @@ def bench_prepare(args) -> dict[str, Any]:
         start = time.perf_counter()
         fisher_batches(examples, **draw)
         draw_seconds = time.perf_counter() - start
-        fisher_seconds = statistics.median(r.fisher_seconds for r in records)
+        timed = records[-len(times["prepare"]) :]  # the timed calls' records (the first call warmed up)
+        fisher_seconds = statistics.median(r.fisher_seconds for r in timed)
+        # the rest per call (that call's time minus its own engine time), then the median: never the
+        # difference of two medians of different calls, which can come out negative
+        rest_seconds = statistics.median(t - r.fisher_seconds for t, r in zip(times["prepare"], timed)) - draw_seconds
         out[str(n)] = {
             "samples": n,
             "seconds_median": med,
@@ -134,7 +138,7 @@ def bench_prepare(args) -> dict[str, Any]:
             "breakdown_seconds": {
                 "draw_and_collate": draw_seconds,
                 "fisher_engine": fisher_seconds,
-                "selection_fill_and_checks": med["prepare"] - fisher_seconds - draw_seconds,
+                "selection_fill_and_checks": rest_seconds,
             },
             "seconds_all": times,
         }

@@ -42,7 +42,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             "## `prepare` end to end (draw + collate, Fisher pass, selection, filling the layers)",
             "",
             "× one plain fwd+bwd pass over the same collated batches; in brackets the quartiles of the "
-            "per-repeat ratios. Breakdown: medians of the Fisher engine's own time, one timed draw, the rest.",
+            "per-repeat ratios. Breakdown: medians of the Fisher engine's own time, one timed draw, and of "
+            "each call's rest (its time minus its engine time and the draw).",
             "",
             "| samples | prepare s | plain pass s | × plain pass | draw + collate s | Fisher engine s | "
             "selection, fill, checks s |",
