@@ -125,10 +125,28 @@ def check_not_sharded(model: nn.Module) -> None:
         raise RuntimeError(_SHARDED_MESSAGE.format(what="FSDP1 (FullyShardedDataParallel)"))
     fsdp2 = uses_fsdp2(model)
     for param in model.parameters():
-        if hasattr(param, "ds_id") or hasattr(param, "ds_status"):  # DeepSpeed marks partitioned parameters
+        if is_zero3_partitioned(param):
             raise RuntimeError(_SHARDED_MESSAGE.format(what="DeepSpeed ZeRO-3"))
         if not fsdp2 and is_dtensor(param):
             raise RuntimeError(_SHARDED_MESSAGE.format(what="DTensor-sharded parameters (outside FSDP2)"))
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds this parameter as partitions (its local tensor is then empty)."""
+    return hasattr(param, "ds_id") or hasattr(param, "ds_status")
+
+
+def check_not_partitioned_at_injection(model: nn.Module) -> None:
+    """Refuse ``get_peft_model`` on weights ZeRO-3 has already partitioned (``deepspeed.zero.Init``,
+    which HF ``from_pretrained`` uses when a ZeRO-3 ``TrainingArguments`` exists): every shape
+    FishIRD reads there is the empty local one, so masks would silently come out empty."""
+    if any(is_zero3_partitioned(p) for p in model.parameters()):
+        raise RuntimeError(
+            "get_peft_model(..., FishIRDConfig) got a model whose weights DeepSpeed ZeRO-3 has already partitioned "
+            "(deepspeed.zero.Init; HF from_pretrained does this when a TrainingArguments with a ZeRO-3 config "
+            "exists). Load the model first, then get_peft_model and prepare, then create the TrainingArguments / "
+            "call deepspeed.initialize: ZeRO-3 then partitions the prepared model, and training under it works."
+        )
 
 
 def needs_lockstep(model: nn.Module) -> bool:
@@ -162,5 +180,5 @@ _SHARDED_MESSAGE = (
     "FishIRD's Fisher pass needs each layer's full parameters, but this model uses {what}. Call "
     "`peft_model.prepare(...)` before the model is wrapped/sharded (i.e. before building the Trainer or "
     "calling accelerator.prepare), or shard it with FSDP2 (`fully_shard`), which prepare supports; then train. "
-    "DDP and DeepSpeed ZeRO-1/2 work after prepare."
+    "DDP and DeepSpeed ZeRO-1/2/3 training work after prepare."
 )

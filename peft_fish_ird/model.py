@@ -19,9 +19,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from .adapter_state import count_parameters_of, fishird_layers_of, head_wrappers_of
+from .adapter_state import check_values_match_indices, count_parameters_of, fishird_layers_of, head_wrappers_of
 from .config import PREFIX, FishIRDConfig
-from .distributed import is_dtensor
+from .distributed import check_not_partitioned_at_injection, is_dtensor
 from .functional import prepare_adapter
 from .layer import FishIRDLayer, FishIRDModule, UnpreparedAdapterError, is_supported_layer, unprepared_message
 from .layer_types import describe_supported, layer_type_for
@@ -69,6 +69,7 @@ class FishIRDModel(BaseTuner):
         return peft_config  # target_modules=None is resolved from the model in _prepare_model
 
     def _prepare_model(self, peft_config: FishIRDConfig, model: nn.Module) -> None:
+        check_not_partitioned_at_injection(model)
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_modules(
                 model, peft_config.modules_to_save or [], peft_config.exclude_modules
@@ -188,6 +189,8 @@ class FishIRDModel(BaseTuner):
         for key, tensor in to_return.items():
             if is_dtensor(tensor):  # values FSDP2 shards (fully_shard after prepare): every rank gathers them
                 tensor = to_return[key] = tensor.full_tensor()
+        check_values_match_indices(to_return)
+        for key, tensor in to_return.items():
             if indices_key_target(key) is not None:
                 to_return[key] = compact_indices(tensor)
         # The record also travels in the weights file: HF Trainer's resume loads only the weights

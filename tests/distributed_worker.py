@@ -4,7 +4,8 @@
 
 MODE: fisher | ird (prepare only), trainer | accelerate (prepare, then 4 optimizer steps with a
 global batch of 8 split over the ranks), fsdp2_prepare | fsdp2_train (a tiny Llama under FSDP2,
-see ``fsdp2``). Each rank saves its masks and values to OUT_DIR/rank{r}.pt.
+see ``fsdp2``), accelerate_fsdp2, deepspeed_zero2 | deepspeed_zero3 (see ``deepspeed_zero``).
+Each rank saves its masks and values to OUT_DIR/rank{r}.pt.
 """
 
 import os
@@ -142,6 +143,47 @@ def accelerate_fsdp2(world: int) -> dict:
     return out
 
 
+def deepspeed_zero(stage: int, out_dir: str, world: int, examples: list[dict]) -> dict:
+    """Prepare on the whole model, then DeepSpeed ZeRO-``stage`` (CPU + gloo; at stage 3 every
+    parameter partitioned) trains it: STEPS steps of GLOBAL_BATCH examples split over the ranks.
+    Records the gathered values, whether a plain save_pretrained (which under ZeRO-3 would see only
+    this rank's shard) refused, and saves the gathered adapter from rank 0."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    model = get_peft_model(
+        no_dropout_bert(), fish_config(num_samples=32), train_dataset=examples, data_collator=pad_collate
+    )
+    config = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    per_rank = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        start = step * GLOBAL_BATCH + rank * per_rank
+        loss = engine(**pad_collate(examples[start : start + per_rank])).loss
+        engine.backward(loss)
+        engine.step()
+    result = {"partitioned": all(p.numel() == 0 for p in engine.module.parameters() if p.requires_grad)}
+    try:
+        if rank == 0:
+            engine.module.save_pretrained(os.path.join(out_dir, "plain"))
+        result["plain_save_refused"] = ""
+    except RuntimeError as err:
+        result["plain_save_refused"] = str(err)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        result.update(snapshot(engine.module))
+        if rank == 0:
+            engine.module.save_pretrained(os.path.join(out_dir, "adapter"))
+    return result
+
+
 def main(mode: str, out_dir: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "fisher":
@@ -205,6 +247,8 @@ def main(mode: str, out_dir: str) -> None:
         result = fsdp2(mode, out_dir, world)
     elif mode == "accelerate_fsdp2":
         result = accelerate_fsdp2(world)
+    elif mode in ("deepspeed_zero2", "deepspeed_zero3"):
+        result = deepspeed_zero(int(mode[-1]), out_dir, world, examples)
     else:
         raise SystemExit(f"unknown mode {mode}")
     rank = dist.get_rank() if dist.is_initialized() else 0

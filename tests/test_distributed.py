@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo, CPU) give the same mask as one, and DDP training matches one process;
-the same under FSDP2 (fully_shard, and Accelerate's FSDP plugin), for prepare, training and saving."""
+the same under FSDP2 (fully_shard, and Accelerate's FSDP plugin), for prepare, training and saving;
+and DeepSpeed ZeRO-3 training and saving of an adapter prepared before it."""
 
 import os
 import subprocess
@@ -131,5 +132,63 @@ def test_fully_shard_after_get_peft_model_and_before_prepare_is_refused(tmp_path
         fully_shard(model.base_model.model)
         with pytest.raises(RuntimeError, match="fully_shard was applied after get_peft_model"):
             model.prepare(lm_examples(8), data_collator=lm_collate, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    root = tmp_path_factory.mktemp("zero")
+    out = {}
+    for stage in (2, 3):
+        for n in (1, 2):
+            folder = root / f"zero{stage}_{n}"
+            out[(stage, n)] = _launch(f"deepspeed_zero{stage}", n, folder)
+            out[(stage, n, "adapter")] = load_file(folder / "adapter" / "adapter_model.safetensors")
+            plain = folder / "plain" / "adapter_model.safetensors"
+            out[(stage, n, "plain")] = load_file(plain) if plain.exists() else None
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_training_of_a_prepared_adapter_matches_one_process(zero_runs, stage):
+    one, (r0, r1) = zero_runs[(stage, 1)][0], zero_runs[(stage, 2)]
+    assert one["partitioned"] == r0["partitioned"] == (stage == 3)  # ZeRO-3 really held only shards
+    values = [k for k in one if k.endswith(".values")]
+    assert any(bool(one[k].abs().sum() > 0) for k in values), "the sparse values must have trained"
+    for key in [*values, "head.weight"]:
+        assert torch.equal(r0[key], r1[key]), f"ranks differ at {key}"
+        assert torch.allclose(r0[key], one[key], atol=1e-6, rtol=1e-5), key
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_saves_the_one_process_adapter_and_zero3_refuses_a_shard_only_file(zero_runs, stage):
+    one, two = zero_runs[(stage, 1, "adapter")], zero_runs[(stage, 2, "adapter")]
+    assert one.keys() == two.keys()
+    for key in one:
+        if "selection_record" not in key:
+            assert torch.allclose(one[key].float(), two[key].float(), atol=1e-6, rtol=1e-5), key
+    refused = zero_runs[(stage, 2)][0]["plain_save_refused"]  # rank 0 saved without gathering
+    if stage == 3:
+        assert "only this rank's shard" in refused and zero_runs[(stage, 2, "plain")] is None
+    else:  # ZeRO-2 leaves whole parameters on every rank: a plain save is the same file
+        assert refused == "" and zero_runs[(stage, 2, "plain")].keys() == two.keys()
+
+
+def test_get_peft_model_refuses_weights_zero3_already_partitioned(tmp_path, monkeypatch):
+    deepspeed = pytest.importorskip("deepspeed")
+
+    from peft_fish_ird import FishIRDConfig, get_peft_model
+
+    for key, value in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_batch_size": 1}):
+            base = torch.nn.ModuleDict({"lin": torch.nn.Linear(8, 8)})
+        assert base["lin"].weight.numel() == 0  # the local tensor is empty: masks would be sized from it
+        with pytest.raises(RuntimeError, match="ZeRO-3 has already partitioned"):
+            get_peft_model(base, FishIRDConfig(target_modules=["lin"]))
     finally:
         dist.destroy_process_group()

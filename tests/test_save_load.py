@@ -160,3 +160,15 @@ def test_push_to_hub_uploads_exactly_the_saved_adapter(saved, tmp_path_factory, 
     assert json.loads((uploaded / "adapter_config.json").read_text()) == json.loads(
         (path / "adapter_config.json").read_text()
     )
+
+
+def test_saving_values_that_are_only_a_shard_is_refused_and_writes_nothing(tmp_path):
+    """What DeepSpeed ZeRO-3 hands save_pretrained outside a gather: an empty local tensor per value."""
+    model = prepared_tiny_bert()
+    state = model.state_dict()
+    key = next(k for k, v in state.items() if ".fishird_weight_values." in k and v.numel())
+    state[key] = state[key][:0]
+    with pytest.raises(RuntimeError, match="only this rank's shard") as err:
+        model.save_pretrained(tmp_path / "adapter", state_dict=state)
+    assert "GatheredParameters" in str(err.value)
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
