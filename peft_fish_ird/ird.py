@@ -56,13 +56,17 @@ Scorer = Callable[[dict[str, torch.Tensor]], float]
 
 
 class IRDRound(NamedTuple):
-    """One row of the trace: sizes of the ranges searched, the candidate's score, wall time."""
+    """One row of the trace: sizes of the ranges searched, the candidate's score, wall time, and
+    the candidate's overlap with round 1's (FISH's) mask: |M_t & M_1| / |M_t | M_1| (Jaccard; 1.0
+    for round 1, None in records written before it was kept). An overlap near 1 means the search
+    had little to choose between."""
 
     round: int
     n_samples: int
     n_params_in_range: int
     score: Optional[float]
     seconds: float
+    jaccard_with_first: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ class _Search:
         self.trace: list[IRDRound] = []
         self.best: Optional[tuple[float, int, dict[str, torch.Tensor]]] = None
         self.first_scores: dict[str, torch.Tensor] = {}
+        self.first_candidate: dict[str, torch.Tensor] = {}
         self.fisher_seconds = self.scoring_seconds = 0.0
         self.gradients = 0
 
@@ -136,6 +141,8 @@ class _Search:
             n_params = sum(s.numel() for s in result.scores.values())
             self.passes = planned_passes(self.num_samples, n_params, self.k, self.settings)
         candidate = select(result.scores, self.k, self.settings.budget, ranges)
+        if t == 1:
+            self.first_candidate = candidate
         value = None
         if self.passes != 1:  # a single candidate needs no scoring
             scored_at = time.perf_counter()
@@ -143,7 +150,8 @@ class _Search:
             self.scoring_seconds += time.perf_counter() - scored_at
             if value != value:
                 raise ValueError(f"The IRD evaluator returned NaN for candidate {t}; it must return a finite float.")
-        self.trace.append(IRDRound(t, len(samples), n_params, value, round(time.perf_counter() - start, 3)))
+        overlap = round(mask_jaccard(candidate, self.first_candidate), 6)
+        self.trace.append(IRDRound(t, len(samples), n_params, value, round(time.perf_counter() - start, 3), overlap))
         logger.info("IRD candidate %d: %d samples, %d entries in range, score %s", t, len(samples), n_params, value)
         if self.best is None or (value is not None and value > self.best[0]):
             self.best = (value if value is not None else float("-inf"), t, candidate)
@@ -154,6 +162,17 @@ class _Search:
         return IRDResult(
             best[2], best[1], self.trace, self.gradients, self.fisher_seconds, self.scoring_seconds, self.first_scores
         )
+
+
+def mask_jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Jaccard overlap of two masks given as parameter name -> sorted flat indices (1.0 if both empty)."""
+    inter = union = 0
+    for name in a.keys() | b.keys():
+        x, y = a.get(name), b.get(name)
+        nx, ny = (0 if x is None else x.numel()), (0 if y is None else y.numel())
+        common = int(torch.isin(x, y).sum()) if nx and ny else 0
+        inter, union = inter + common, union + nx + ny - common
+    return inter / union if union else 1.0
 
 
 def planned_passes(num_samples: int, num_params: int, k: int, settings: IRDSettings) -> int:

@@ -222,7 +222,7 @@ class PrepareJob:
         check_some_information(result.scores)
         masks = select(result.scores, k, self.config.budget)
         n_params = sum(s.numel() for s in result.scores.values())
-        trace = [IRDRound(1, result.num_samples, n_params, None, round(result.seconds, 3))]
+        trace = [IRDRound(1, result.num_samples, n_params, None, round(result.seconds, 3), 1.0)]
         return Selected(masks, drawn.sample_indices, result.scores, trace, 1, result.num_samples, result.seconds)
 
     def random(self, k: int) -> Selected:

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 import peft_fish_ird.prepare as prepare_module
 from peft_fish_ird.fisher import FisherResult
-from peft_fish_ird.ird import IRDSettings, iterative_range_decreasing, schedule
+from peft_fish_ird.ird import IRDSettings, iterative_range_decreasing, mask_jaccard, schedule
 from peft_fish_ird.layer import FishIRDLayer
 
 EXAMPLES = make_examples(80, seed=4)
@@ -119,6 +119,30 @@ def test_candidate_of_each_round_is_top_k_inside_its_range():
     top5 = torch.sort(scores["a.weight"], descending=True).indices[:5].sort().values
     assert all(torch.equal(m["a.weight"], top5) for m in seen)  # same scores: the top-5 stay in every range
     assert result.best_round == 1 and result.per_sample_gradients == 16 + 8 + 4 + 2
+
+
+def test_trace_records_each_candidates_jaccard_overlap_with_round_one():
+    g = torch.Generator().manual_seed(3)
+    seen = []
+    result = iterative_range_decreasing(
+        16,
+        10,
+        _fake_pass({"a.weight": torch.rand(60, generator=g)}, torch.rand(16, generator=g), []),
+        lambda m: seen.append(m) or 0.0,
+        IRDSettings(min_samples=4, direction="reverse"),  # reverse: later candidates move away from round 1
+    )
+    first = set(seen[0]["a.weight"].tolist())
+    for row, mask in zip(result.trace, seen):
+        later = set(mask["a.weight"].tolist())
+        assert row.jaccard_with_first == pytest.approx(len(first & later) / len(first | later), abs=1e-6)
+    assert result.trace[0].jaccard_with_first == 1.0 and min(r.jaccard_with_first for r in result.trace) < 1.0
+
+
+def test_mask_jaccard_counts_entries_of_every_parameter():
+    a = {"w": torch.tensor([0, 1, 2]), "b": torch.tensor([5])}
+    b = {"w": torch.tensor([1, 2, 3]), "c": torch.tensor([7])}
+    assert mask_jaccard(a, b) == pytest.approx(2 / 6)
+    assert mask_jaccard({}, {}) == 1.0
 
 
 # ---------------------------------------------------------------- prepare(selection="ird", ...)

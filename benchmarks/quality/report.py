@@ -139,9 +139,22 @@ def ird_round_summary(records: list[Record]) -> list[str]:
         rounds = statistics.fmean(len(r["selection"]["trace"]) for r in runs)
         lines.append(
             f"- `{variant}`: {len(runs)} runs, {rounds:.1f} rounds on average; the best candidate was round 1 "
-            f"(the FISH mask on the same pool) in {first} of {len(runs)} runs."
+            f"(the FISH mask on the same pool) in {first} of {len(runs)} runs.{jaccard_by_round(runs)}"
         )
     return lines
+
+
+def jaccard_by_round(runs: list[Record]) -> str:
+    """Mean overlap (Jaccard) of each round's candidate with round 1's, from the traces that carry it."""
+    by_round: dict[int, list[float]] = {}
+    for r in runs:
+        for row in r["selection"]["trace"]:
+            if row.get("jaccard_with_first") is not None:
+                by_round.setdefault(int(row["round"]), []).append(float(row["jaccard_with_first"]))
+    if not by_round:
+        return ""
+    parts = [f"round {t}: {statistics.fmean(v):.3f} (n={len(v)})" for t, v in sorted(by_round.items())]
+    return " Mean Jaccard overlap with round 1's mask by round: " + ", ".join(parts) + "."
 
 
 def ird_verdicts(records: list[Record]) -> tuple[list[str], int, int]:
