@@ -4,7 +4,7 @@
 
 MODE: fisher | ird (prepare only), trainer | accelerate (prepare, then 4 optimizer steps with a
 global batch of 8 split over the ranks), fsdp2_prepare | fsdp2_train (a tiny Llama under FSDP2,
-see ``fsdp2``), accelerate_fsdp2, deepspeed_zero2 | deepspeed_zero3 (see ``deepspeed_zero``).
+see ``fsdp2``), accelerate_fsdp2, deepspeed_zero2 | deepspeed_zero3 (see ``deepspeed_zero``), deepspeed_zero_init.
 Each rank saves its masks and values to OUT_DIR/rank{r}.pt.
 """
 
@@ -184,6 +184,24 @@ def deepspeed_zero(stage: int, out_dir: str, world: int, examples: list[dict]) -
     return result
 
 
+def deepspeed_zero_init() -> dict:
+    """get_peft_model on a module built inside deepspeed.zero.Init (weights partitioned at creation)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from peft_fish_ird import FishIRDConfig
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_batch_size": 1}):
+        base = torch.nn.ModuleDict({"lin": torch.nn.Linear(8, 8)})
+    result = {"local_numel": base["lin"].weight.numel(), "refused": ""}
+    try:
+        get_peft_model(base, FishIRDConfig(target_modules=["lin"]))
+    except RuntimeError as err:
+        result["refused"] = str(err)
+    return result
+
+
 def main(mode: str, out_dir: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "fisher":
@@ -247,6 +265,8 @@ def main(mode: str, out_dir: str) -> None:
         result = fsdp2(mode, out_dir, world)
     elif mode == "accelerate_fsdp2":
         result = accelerate_fsdp2(world)
+    elif mode == "deepspeed_zero_init":
+        result = deepspeed_zero_init()
     elif mode in ("deepspeed_zero2", "deepspeed_zero3"):
         result = deepspeed_zero(int(mode[-1]), out_dir, world, examples)
     else:
