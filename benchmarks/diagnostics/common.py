@@ -162,13 +162,10 @@ def layer_masks(tuner, adapter: str = "default") -> dict[str, np.ndarray]:
 
 
 def jaccard(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    inter = union = 0
-    for key in set(a) | set(b):
-        x, y = a.get(key, np.empty(0, np.int64)), b.get(key, np.empty(0, np.int64))
-        i = np.intersect1d(x, y, assume_unique=True).size
-        inter += i
-        union += x.size + y.size - i
-    return inter / union if union else 1.0
+    """The package's mask overlap (``ird.mask_jaccard``, which IRD's trace records) on numpy masks."""
+    from peft_fish_ird.ird import mask_jaccard
+
+    return mask_jaccard({k: torch.from_numpy(v) for k, v in a.items()}, {k: torch.from_numpy(v) for k, v in b.items()})
 
 
 def module_group(key: str) -> str:
