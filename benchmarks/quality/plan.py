@@ -251,8 +251,10 @@ def validate_experiment(exp: Experiment) -> None:
     probe = exp.settings["train"].get("head_probe")
     if probe is not None and (
         not isinstance(probe, dict)
+        or isinstance(probe.get("steps"), bool)
         or not isinstance(probe.get("steps"), int)
         or probe["steps"] < 1
+        or isinstance(probe.get("lr"), bool)
         or not isinstance(probe.get("lr"), (int, float))
         or probe["lr"] <= 0
     ):
