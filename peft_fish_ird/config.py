@@ -16,8 +16,10 @@ from peft.config import PeftConfig
 
 from ._version import __version__
 from .evaluation import ScorerSettings
+from .head_probe import HeadProbeSettings
 from .ird import IRD_SEARCHES, IRDSearch, IRDSettings
 from .layer_types import describe_supported
+from .selection import BUDGETS, Budget
 
 PREFIX = "fishird_"  # in every adapter attribute name; PEFT matches on it (device moves, loading)
 
@@ -32,12 +34,12 @@ class FishIRDPeftType(str, enum.Enum):
 
 
 FisherChoice = Literal["empirical", "expected"]
-BudgetChoice = Literal["global", "per_module"]
+BudgetChoice = Budget
 SelectionChoice = Literal["fish", "ird", "ird_reverse", "ird_random", "random"]
 EvalMetricChoice = Literal["loss", "accuracy"]
 MaskInitChoice = Literal["fisher", "random", "magnitude"]
 FISHER_TYPES = get_args(FisherChoice)
-BUDGET_TYPES = get_args(BudgetChoice)
+BUDGET_TYPES = BUDGETS
 SELECTION_TYPES = get_args(SelectionChoice)
 IRD_SELECTIONS = tuple(s for s in SELECTION_TYPES if s.startswith("ird"))
 EVAL_METRICS = get_args(EvalMetricChoice)
@@ -124,7 +126,8 @@ class FishIRDConfig(PeftConfig):
         metadata={
             "help": (
                 "'global': one top-k over all candidate entries (FISH). 'per_module': each targeted "
-                "parameter gets a share of k proportional to its size, then top-k inside it."
+                "parameter gets a share of k proportional to its size, then top-k inside it. 'column_capped': "
+                "per_module, and no input feature of a Linear/Conv1D weight holds more than its even share."
             )
         },
     )
@@ -136,6 +139,19 @@ class FishIRDConfig(PeftConfig):
                 "are formed one layer at a time); does not change the result beyond float rounding."
             )
         },
+    )
+    head_probe_steps: int = field(
+        default=HeadProbeSettings.steps,
+        metadata={
+            "help": (
+                "Head probing (LP-FT) before the Fisher pass: AdamW steps training only the head (`modules_to_save`) "
+                "so the mask is scored, and training starts, through a trained head. 0 (default): off; e.g. 48."
+            )
+        },
+    )
+    head_probe_lr: float = field(default=HeadProbeSettings.lr, metadata={"help": "Head probing: constant AdamW rate."})
+    head_probe_batch_size: int = field(
+        default=HeadProbeSettings.batch_size, metadata={"help": "Head probing: examples per step (seeded by `seed`)."}
     )
     selection: SelectionChoice = field(
         default="fish",
@@ -306,6 +322,10 @@ class FishIRDConfig(PeftConfig):
             metric=self.ird_eval_metric,
         )
 
+    def head_probe_settings(self) -> HeadProbeSettings:
+        """How ``prepare`` probes the head before the Fisher pass (``steps == 0``: it does not)."""
+        return HeadProbeSettings(self.head_probe_steps, self.head_probe_lr, self.head_probe_batch_size, self.seed)
+
     def _validate(self) -> None:
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
             raise TypeError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}.")
@@ -318,12 +338,6 @@ class FishIRDConfig(PeftConfig):
             raise ValueError(
                 f"num_samples={self.num_samples!r} is invalid: pass a positive int, e.g. 1024 (FISH's default)."
             )
-        if (
-            isinstance(self.fisher_batch_size, bool)
-            or not isinstance(self.fisher_batch_size, int)
-            or (self.fisher_batch_size < 1)
-        ):
-            raise ValueError(f"fisher_batch_size={self.fisher_batch_size!r} is invalid: pass a positive int, e.g. 16.")
         choices = {
             "fisher": FISHER_TYPES,
             "budget": BUDGET_TYPES,
@@ -340,10 +354,11 @@ class FishIRDConfig(PeftConfig):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         _check_fraction("ird_shrink", self.ird_shrink, "e.g. 0.5 to halve the ranges each round")
         _check_fraction("ird_selection_fraction", self.ird_selection_fraction, "e.g. 0.1")
-        for name in ("ird_min_samples", "ird_eval_steps", "ird_eval_batch_size"):
+        for name in ("fisher_batch_size", "ird_min_samples", "ird_eval_steps", "ird_eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: pass a positive int.")
+                raise ValueError(f"{name}={value!r} is invalid: pass a positive int, e.g. 16.")
+        self.head_probe_settings()  # checks the head_probe_* values
         if self.ird_rounds is not None and (
             isinstance(self.ird_rounds, bool) or not isinstance(self.ird_rounds, int) or self.ird_rounds < 1
         ):

@@ -58,7 +58,7 @@ def _keep_model_columns(example: Mapping[str, Any], accepted: Optional[set[str]]
     return kept
 
 
-def _normalise_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
+def normalise_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
     batch = dict(batch)
     for key in ("label", "label_ids"):
         if key in batch and "labels" not in batch:
@@ -159,7 +159,7 @@ def collate_indices(
                 f"The data_collator failed on the Fisher examples ({err}). For variable-length tokenized text pass "
                 "`data_collator=DataCollatorWithPadding(tokenizer)`."
             ) from err
-        batches.append(_normalise_labels(batch))
+        batches.append(normalise_labels(batch))
     return batches
 
 
@@ -180,7 +180,7 @@ def _from_loader(loader: DataLoader, num_samples: int) -> FisherBatches:
         )
     batches, seen = [], 0
     for batch in loader:
-        batch = _normalise_labels(batch)
+        batch = normalise_labels(batch)
         size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
         take = min(size, num_samples - seen)
         if take < size:

@@ -112,7 +112,15 @@ class _Search:
     """The step both searches share: a Fisher pass on a sample range inside a parameter range, its
     top-k candidate, the candidate's score, the trace row, and the best candidate so far."""
 
-    def __init__(self, num_samples: int, k: int, fisher_pass: FisherPass, score: Scorer, settings: IRDSettings) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        k: int,
+        fisher_pass: FisherPass,
+        score: Scorer,
+        settings: IRDSettings,
+        input_axes: Optional[dict[str, Optional[int]]] = None,
+    ) -> None:
         self.num_samples, self.k, self.fisher_pass, self.score, self.settings = (
             num_samples,
             k,
@@ -120,6 +128,7 @@ class _Search:
             score,
             settings,
         )
+        self.input_axes = input_axes
         self.passes = 0  # planned Fisher passes; 0 until the number of candidate entries is known
         self.trace: list[IRDRound] = []
         self.best: Optional[tuple[float, int, dict[str, torch.Tensor]]] = None
@@ -140,7 +149,7 @@ class _Search:
             self.first_scores = result.scores
             n_params = sum(s.numel() for s in result.scores.values())
             self.passes = planned_passes(self.num_samples, n_params, self.k, self.settings)
-        candidate = select(result.scores, self.k, self.settings.budget, ranges)
+        candidate = select(result.scores, self.k, self.settings.budget, ranges, self.input_axes)
         if t == 1:
             self.first_candidate = candidate
         value = None
@@ -192,6 +201,7 @@ def iterative_range_decreasing(
     score: Scorer,
     settings: IRDSettings,
     num_params: Optional[int] = None,
+    input_axes: Optional[dict[str, Optional[int]]] = None,
 ) -> IRDResult:
     """Run the IRD search (``settings.search``) over a pool of ``num_samples`` samples; see the
     module docstring. ``best_round`` in the result is the 1-based position of the kept candidate
@@ -199,10 +209,12 @@ def iterative_range_decreasing(
 
     ``num_params`` (the candidate entries, if the caller knows them) lets the progress labels say
     "i/n" from the first pass on; otherwise the plan is known after the first pass.
+    ``input_axes`` (score name -> the weight's input-feature dimension) is what ``budget="column_capped"``
+    caps along.
     """
     if settings.search not in IRD_SEARCHES:
         raise ValueError(f"IRD search={settings.search!r}: choose one of {IRD_SEARCHES}.")
-    search = _Search(num_samples, k, fisher_pass, score, settings)
+    search = _Search(num_samples, k, fisher_pass, score, settings, input_axes)
     samples = list(range(num_samples))
     result, _ = search.step(samples, None, num_params)
     plan = schedule(num_samples, search.trace[0].n_params_in_range, k, settings)

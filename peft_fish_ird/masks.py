@@ -32,7 +32,7 @@ from .fisher import compute_fisher, rule_for
 from .fisher.tied import check_every_use_targeted, tied_aliases
 from .layer_types import describe_supported, layer_type_for
 from .layer_types.bnb import packed_numel
-from .selection import select, sparse_budget, top_k_positions
+from .selection import BUDGETS, select, sparse_budget, top_k_positions
 
 DEFAULT_KEEP_RATIO = 0.005
 TargetModules = Optional[Union[str, Sequence[str]]]
@@ -98,7 +98,8 @@ def fish_mask(
         keep_ratio: share of the model's parameters to keep (default 0.005):
             ``k = int(keep_ratio * sum(p.numel() for p in model.parameters()))``.
         budget: ``"global"`` (FISH: one top-k over all candidate entries), ``"per_module"`` (k split
-            over parameters in proportion to their sizes, then a top-k in each), or a mapping
+            over parameters in proportion to their sizes, then a top-k in each), ``"column_capped"``
+            (``per_module`` with each input feature of a matrix capped at its even share), or a mapping
             parameter name -> count: that many highest-scored entries of each named parameter and
             none elsewhere (``keep_ratio`` must then be left unset; with ``target_modules`` unset
             only the named parameters' modules are scored). ``shira_budget`` builds SHiRA's.
@@ -111,9 +112,9 @@ def fish_mask(
     args = (data_collator, num_samples, seed, batch_size, fisher, progress)
     if isinstance(budget, Mapping):
         return _mask_with_counts(model, data, budget, keep_ratio, target_modules, args)
-    if budget not in ("global", "per_module"):
+    if budget not in BUDGETS:
         raise ValueError(
-            f"budget={budget!r}: choose 'global', 'per_module' or a mapping parameter name -> number of entries."
+            f"budget={budget!r}: choose one of {BUDGETS} or a mapping parameter name -> number of entries."
         )
     keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
@@ -127,7 +128,8 @@ def fish_mask(
             f"keep_ratio={keep_ratio} of the model's {total} parameters is k={k} entries, more than the {candidates} "
             "entries of the targeted modules: lower keep_ratio or target more modules."
         )
-    return select(_scores(model, data, targets, *args), k, budget)
+    axes = {f"{name}.weight": layer_type_for(m).input_axis for name, m in targets.items()}
+    return select(_scores(model, data, targets, *args), k, budget, input_axes=axes)
 
 
 def _mask_with_counts(model, data, budget, keep_ratio, target_modules, args) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from .config import IRD_SELECTIONS, FishIRDConfig
 from .data import check_sequence_length, collate_indices, fisher_batches, move_to, require_indexable, seeded_permutation
 from .evaluation import MaskedFineTuneScorer, isolated_candidate
 from .fisher import compute_fisher
+from .head_probe import probe_heads
 from .ird import IRDRound, iterative_range_decreasing, planned_passes, schedule
 from .layer import FishIRDLayer
 from .record import SelectionRecord, mask_fingerprint
@@ -125,6 +126,7 @@ class PrepareJob:
         self.batch_size = batch_size or self.config.fisher_batch_size
         self.targets = {name: layer.get_base_layer() for name, layer in self.layers.items()}
         self.device = next(self.model.parameters()).device
+        self.head_probe: dict[str, Any] = {}  # what probing did; non-empty: the Fisher sees the probed head
         if (selection_dataset is not None or evaluator is not None) and self.config.selection not in IRD_SELECTIONS:
             raise ValueError(
                 f"selection_dataset / evaluator are used by IRD only, but selection={self.config.selection!r}; set "
@@ -140,11 +142,35 @@ class PrepareJob:
                 "FishIRD initialised torch.distributed (%d processes) for the Fisher pass.", distributed.world_size()
             )
         distributed.sync_module_states(self.model)
+        if self.config.head_probe_steps:
+            self.head_probe = self.probe_head()
         total, head = self.tuner.count_parameters()
         k = sparse_budget(total, head, self.config.keep_ratio, self.config.head_in_budget)
         selected = SELECTIONS[self.config.selection](self, k)
         record = self.record(selected, total, head, k, time.perf_counter() - start)
         return Outcome(selected.masks, record)
+
+    def probe_head(self) -> dict[str, Any]:
+        """Train the adapter's head copies alone (the sparse layers off: the body is the pretrained
+        model) for ``head_probe_steps`` steps on the training data, before any Fisher pass."""
+        heads = [w.modules_to_save[self.adapter] for w in self.head_wrappers if self.adapter in w.modules_to_save]
+        with adapters_disabled(self.layers.values()):
+            done = probe_heads(
+                self.model, heads, self.data, self.collator, self.config.head_probe_settings(), progress=self.progress
+            )
+        logger.info(
+            "FishIRD head probe: %d steps at lr %g, loss %.4f -> %.4f (%.1f s).",
+            done["steps"],
+            done["lr"],
+            done["first_loss"],
+            done["last_loss"],
+            done["seconds"],
+        )
+        return done
+
+    def input_axes(self) -> dict[str, Optional[int]]:
+        """``"<module>.weight"`` -> its input-feature dimension (the layer registry's ``input_axis``)."""
+        return {f"{name}.weight": layer.layer_type.input_axis for name, layer in self.layers.items()}
 
     def shapes(self) -> dict[str, torch.Size]:
         return {
@@ -157,6 +183,8 @@ class PrepareJob:
         """The settings that shaped the mask (saved in the record), read off the config once."""
         c = self.config
         out: dict[str, Any] = {"selection": c.selection, "fisher_batch_size": self.batch_size}
+        if self.head_probe:
+            out["head_probe"] = self.head_probe
         if c.selection in IRD_SELECTIONS:
             out["ird"] = dataclasses.asdict(c.ird_settings())
             out["evaluator"] = "user" if self.evaluator is not None else "built-in"
@@ -198,7 +226,9 @@ class PrepareJob:
     def _fisher(self, batches: list[dict[str, Any]], ranges: Optional[dict[str, torch.Tensor]], desc: str):
         check_sequence_length(self.model, batches)
         batches = [move_to(b, self.device) for b in batches]
-        with adapters_disabled([*self.layers.values(), *self.head_wrappers]):
+        # the pretrained model; a probed head stays on (the point of probing: score through a trained head)
+        heads_off = [] if self.head_probe else self.head_wrappers
+        with adapters_disabled([*self.layers.values(), *heads_off]):
             return compute_fisher(
                 self.model,
                 batches,
@@ -220,7 +250,7 @@ class PrepareJob:
         )
         result = self._fisher(drawn.batches, None, "FISH Fisher")
         check_some_information(result.scores)
-        masks = select(result.scores, k, self.config.budget)
+        masks = select(result.scores, k, self.config.budget, input_axes=self.input_axes())
         n_params = sum(s.numel() for s in result.scores.values())
         trace = [IRDRound(1, result.num_samples, n_params, None, round(result.seconds, 3), 1.0)]
         return Selected(masks, drawn.sample_indices, result.scores, trace, 1, result.num_samples, result.seconds)
@@ -249,7 +279,9 @@ class PrepareJob:
 
         rounds = planned_passes(len(pool), candidates, k, settings)
         scorer = self._scorer(pool, held_out, rounds)
-        result = iterative_range_decreasing(len(pool), k, fisher_pass, scorer, settings, num_params=candidates)
+        result = iterative_range_decreasing(
+            len(pool), k, fisher_pass, scorer, settings, num_params=candidates, input_axes=self.input_axes()
+        )
         if self.evaluator is not None:
             selection_samples = 0
         else:

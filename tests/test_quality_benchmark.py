@@ -287,6 +287,17 @@ def test_default_profile_tunes_every_rate_on_validation_and_runs_five_seeds_of_t
         assert exp.settings["data"]["validation"] > 0 and exp.settings["train"]["epochs"] > 1
 
 
+def test_default_profile_probes_the_head_for_every_method_and_protocol_v2_keeps_its_committed_fingerprints():
+    default = load_profile(DEFAULT_CONFIG, "default")
+    for exp in default.experiments:
+        assert exp.settings["train"]["head_probe"] == {"steps": 48, "lr": 0.01, "batch_size": 16}
+    v2 = load_profile(DEFAULT_CONFIG, "protocol_v2")
+    keys = {c.key for c, _ in plan(apply_flags(v2, parse_args(["--profile", "protocol_v2"])))}
+    committed = ResultStore(REPO / "benchmarks" / "results" / "quality_v2" / "quality.json").done()
+    assert keys <= committed  # every planned v2 record is committed (plus the optional ird_variants runs)
+    assert not keys & {c.key for c, _ in plan(apply_flags(default, parse_args([])))}
+
+
 def test_legacy_profile_keeps_the_fingerprints_of_the_committed_results():
     profile = load_profile(DEFAULT_CONFIG, "legacy_v1")
     keys = {c.key for c, _ in plan(apply_flags(profile, parse_args([])))}

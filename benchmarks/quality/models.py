@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from benchmarks.common import wheel_member
 from benchmarks.quality.plan import SMOLLM2_PACKAGE, BenchmarkError
 from peft_fish_ird.checkpoints import dequantize_gguf
+from peft_fish_ird.head_probe import HeadProbeSettings, probe_order, train_only
 from peft_fish_ird.offline_data import cache_dir
 
 logger = logging.getLogger("quality")
@@ -100,7 +101,9 @@ def probe_head(model: Any, train: Any, collator: Any, probe: dict[str, Any], see
     """Linear probing before the method: train only the new head, the body frozen (the same for every
     method, so a FISH mask is then chosen by gradients through a trained head, not a random one).
 
-    ``probe``: ``{"steps": N, "lr": rate, "batch_size": B}``; AdamW, constant rate, data order seeded.
+    ``probe``: ``{"steps": N, "lr": rate, "batch_size": B}``; AdamW, constant rate, data order seeded:
+    the package's own loop (``peft_fish_ird.head_probe``, what ``FishIRDConfig.head_probe_steps`` runs in
+    ``prepare``), applied here to the base model so LoRA and full fine-tuning get the same head.
     Returns what it did (for the record).
     """
     heads = [m for n, m in model.named_children() if n in HEAD_NAMES] or [
@@ -108,31 +111,9 @@ def probe_head(model: Any, train: Any, collator: Any, probe: dict[str, Any], see
     ]
     if not heads:
         raise BenchmarkError(f"head_probe: no head module named one of {HEAD_NAMES} in {type(model).__name__}.")
-    params = [p for head in heads for p in head.parameters()]
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=float(probe["lr"]), weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    batch_size, steps, done, losses = int(probe.get("batch_size", 16)), int(probe["steps"]), 0, []
-    was_training = model.training
-    model.train()
+    settings = HeadProbeSettings(int(probe["steps"]), float(probe["lr"]), int(probe.get("batch_size", 16)), seed)
     device = next(model.parameters()).device
-    while done < steps:
-        order = torch.randperm(len(train), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            batch = collator([train[i] for i in order[start : start + batch_size]])
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
-            done += 1
-            if done == steps:
-                break
-    for p, flag in flags.items():
-        p.requires_grad_(flag)
-    model.train(was_training)
-    return {"steps": steps, "lr": float(probe["lr"]), "batch_size": batch_size, "last_loss": losses[-1]}
+    order = probe_order(len(train), settings)
+    batches = ({k: v.to(device) for k, v in collator([train[i] for i in idx]).items()} for idx in order)
+    losses = train_only(model, [p for head in heads for p in head.parameters()], batches, settings.lr)
+    return {"steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size, "last_loss": losses[-1]}

@@ -31,6 +31,9 @@ MASK_VARIANTS: dict[str, dict[str, str]] = {
     "fish_per_module": {"selection": "fish", "budget": "per_module"},
     "fish_blocks": {"selection": "fish", "exclude_modules": OUTSIDE_BLOCKS},
     "fish_blocks_per_module": {"selection": "fish", "exclude_modules": OUTSIDE_BLOCKS, "budget": "per_module"},
+    # per_module, no input feature of a matrix above its even share (FISH's entries pile onto a few features)
+    "fish_column_capped": {"selection": "fish", "budget": "column_capped"},
+    "ird_column_capped": {"selection": "ird", "budget": "column_capped"},
 }
 # benchmark method -> the FishIRDConfig settings that make it
 METHOD_CONFIG: dict[str, dict[str, str]] = {

@@ -90,6 +90,7 @@ for _path, _library in ((LINEAR_4BIT, "bitsandbytes 4-bit"), (LINEAR_8BIT, "bits
         name=f"{_path.rsplit('.', 1)[-1]} ({_library})",
         fast_forward=_forward,
         quantized=Quantized(spec=_spec, dequantize=_dequantize, library=_library),
+        input_axis=1,  # the logical (out x in) weight of nn.Linear
     )(linear_fisher)
 
 

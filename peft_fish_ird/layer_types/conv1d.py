@@ -9,7 +9,7 @@ from .linear import matmul_fast_forward
 from .registry import FisherSink, batch_3d, register_layer_type
 
 
-@register_layer_type(Conv1D, name="GPT-2 Conv1D", fast_forward=matmul_fast_forward(transposed=True))
+@register_layer_type(Conv1D, name="GPT-2 Conv1D", fast_forward=matmul_fast_forward(transposed=True), input_axis=0)
 def conv1d_fisher(module: Conv1D, x: torch.Tensor, g: torch.Tensor, sink: FisherSink) -> None:
     """GPT-2 Conv1D, y = x W + b with W (in x out): per-sample dW = sum_t x_t g_t^T."""
     b = x.shape[0]

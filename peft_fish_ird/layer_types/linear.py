@@ -30,7 +30,7 @@ def matmul_fast_forward(transposed: bool) -> Callable[[Any, torch.Tensor, str], 
     return forward
 
 
-@register_layer_type(nn.Linear, name="Linear", fast_forward=matmul_fast_forward(transposed=False))
+@register_layer_type(nn.Linear, name="Linear", fast_forward=matmul_fast_forward(transposed=False), input_axis=1)
 def linear_fisher(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, sink: FisherSink) -> None:
     """y = x W^T + b: per-sample dW = sum_t g_t x_t^T (out x in), db = sum_t g_t."""
     b = x.shape[0]

@@ -15,6 +15,8 @@ one ``@register_layer_type`` decorator (Opacus's ``grad_sample/`` layout):
   pass sees it, e.g. expanding a broadcast ``(1, T)`` input to the batch so samples stay apart;
 * ``param_names``: the parameters that can hold entries (default ``("weight", "bias")``);
 * ``name``: how messages call the type;
+* ``input_axis`` (optional): the weight dimension indexed by the input feature (Linear: 1, its
+  (out x in) weight's columns; Conv1D: 0), for ``budget="column_capped"``; None: not a matrix of that kind;
 * ``quantized`` (optional): a ``Quantized`` description for a base whose weight is stored packed
   (bitsandbytes 4/8-bit): the logical shape of each parameter, and how to dequantize it. Such a
   layer keeps its deltas in float32 beside the packed base (forward = base(x) + sparse term),
@@ -104,6 +106,7 @@ class LayerType:
     fisher_input: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
     param_names: tuple[str, ...] = ("weight", "bias")
     quantized: Optional[Quantized] = None
+    input_axis: Optional[int] = None
 
     def parameters_of(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The module's own parameters that can hold entries, by name (``bias=None`` left out).
@@ -145,6 +148,7 @@ def register_layer_type(
     fisher_input: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
     param_names: tuple[str, ...] = ("weight", "bias"),
     quantized: Optional[Quantized] = None,
+    input_axis: Optional[int] = None,
 ) -> Callable[[FisherRule], FisherRule]:
     """Decorator on a Fisher rule: register ``module_type`` (replacing an earlier entry for it).
 
@@ -164,6 +168,7 @@ def register_layer_type(
             fisher_input=fisher_input,
             param_names=tuple(param_names),
             quantized=quantized,
+            input_axis=input_axis,
         )
         if by_path:
             _BY_PATH[module_type] = entry
