@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node N tests/distributed_worker.py MODE OUT_DIR
 
-MODE: fisher | ird (prepare only), trainer | accelerate (prepare, then 4 optimizer steps with a
+MODE: fisher | ird | probe (prepare only; probe: head probing first, from a rank-dependent head), trainer | accelerate (prepare, then 4 optimizer steps with a
 global batch of 8 split over the ranks), fsdp2_prepare | fsdp2_train (a tiny Llama under FSDP2,
 see ``fsdp2``), accelerate_fsdp2, deepspeed_zero2 | deepspeed_zero3 (see ``deepspeed_zero``), deepspeed_zero_init.
 Each rank saves its masks and values to OUT_DIR/rank{r}.pt.
@@ -210,8 +210,10 @@ def main(mode: str, out_dir: str) -> None:
     overrides = dict(num_samples=32)
     if mode == "ird":
         overrides.update(selection="ird", ird_min_samples=8, ird_eval_steps=2, ird_eval_batch_size=4)
-    if mode in ("fisher", "ird"):
-        base = rank_dependent_head(tiny_bert()) if mode == "ird" else tiny_bert()
+    if mode == "probe":
+        overrides.update(head_probe_steps=5, head_probe_lr=0.05, head_probe_batch_size=8)
+    if mode in ("fisher", "ird", "probe"):
+        base = rank_dependent_head(tiny_bert()) if mode in ("ird", "probe") else tiny_bert()
         model = get_peft_model(base, fish_config(**overrides), train_dataset=examples, data_collator=pad_collate)
         result = snapshot(model)
         result["trace"] = [list(r) for r in model.selection.trace]

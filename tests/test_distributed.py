@@ -46,18 +46,25 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     return {
         (mode, n): _launch(mode, n, root / f"{mode}{n}")
-        for mode in ("fisher", "ird", "trainer", "accelerate")
+        for mode in ("fisher", "ird", "probe", "trainer", "accelerate")
         for n in (1, 2)
     }
 
 
-@pytest.mark.parametrize("mode", ["fisher", "ird"])
+@pytest.mark.parametrize("mode", ["fisher", "ird", "probe"])
 def test_two_process_mask_equals_one_process_mask_exactly(runs, mode):
     one, (r0, r1) = runs[(mode, 1)][0], runs[(mode, 2)]
     for key, value in _tensors(one).items():
         if key.endswith(".indices"):
             assert torch.equal(r0[key], value), key
             assert torch.equal(r1[key], value), key
+
+
+def test_a_head_probed_in_two_processes_equals_the_one_process_head(runs):
+    one, (r0, r1) = runs[("probe", 1)][0], runs[("probe", 2)]
+    assert not torch.equal(one["head.weight"], runs[("ird", 1)][0]["head.weight"])  # same start; the probe trained it
+    assert torch.equal(r0["head.weight"], r1["head.weight"])
+    torch.testing.assert_close(r0["head.weight"], one["head.weight"], rtol=0, atol=1e-6)
 
 
 def test_ird_rounds_and_scores_agree_across_process_counts(runs):

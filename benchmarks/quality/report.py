@@ -175,6 +175,13 @@ def ird_verdicts(records: list[Record]) -> tuple[list[str], int, int]:
     return lines, wins, cells
 
 
+def probe_words(probe: dict | None) -> str:
+    """'head probed first (48 steps at lr 0.01, batch 16), ' or nothing."""
+    if not probe:
+        return ""
+    return f"head probed first ({probe['steps']} steps at lr {probe['lr']}, batch {probe.get('batch_size', 16)}), "
+
+
 def settings_line(record: Record) -> str:
     s = record["settings"]
     d, t, f, i = s["data"], s["train"], s["fish"], s["ird"]
@@ -189,7 +196,7 @@ def settings_line(record: Record) -> str:
     return (
         f"splits {splits} "
         f"(split seed {d['split_seed']}), max {d['max_length']} tokens; {t['epochs']} epoch(s), "
-        f"batch {t['batch_size']}, "
+        f"batch {t['batch_size']}, {probe_words(t.get('head_probe'))}"
         f"lr sparse {t['lr']['sparse']} / LoRA {t['lr']['lora']} / full {t['lr']['full']}; Fisher: {f['fisher']}, "
         f"{f['num_samples']} samples, {f['budget']} top-k, head in budget {f['head_in_budget']}; IRD: shrink "
         f"{i['ird_shrink']}, min samples {i['ird_min_samples']}, scorer {i['ird_eval_steps']} steps × batch "

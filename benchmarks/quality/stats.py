@@ -9,8 +9,28 @@ from typing import Any, Optional
 
 import numpy as np
 
-METHOD_ORDER = ("fish", "ird", "ird_branch", "ird_reverse", "ird_random", "random", "lora", "full")
-COMPARED_TO_FISH = ("ird", "ird_branch", "ird_reverse", "ird_random", "random", "lora")
+METHOD_ORDER = (
+    "fish",
+    "fish_column_capped",
+    "ird",
+    "ird_column_capped",
+    "ird_branch",
+    "ird_reverse",
+    "ird_random",
+    "random",
+    "lora",
+    "full",
+)
+COMPARED_TO_FISH = (
+    "fish_column_capped",
+    "ird",
+    "ird_column_capped",
+    "ird_branch",
+    "ird_reverse",
+    "ird_random",
+    "random",
+    "lora",
+)
 IRD_VARIANTS = ("ird", "ird_branch", "ird_reverse", "ird_random")
 COLOURS = {
     "fish": "C0",
