@@ -1,9 +1,10 @@
 """Scoring IRD candidates: the built-in short masked fine-tune, and isolation of every candidate.
 
 Each candidate mask is scored from the same starting point: zero deltas, the head as ``prepare``
-found it (fresh, or trained alone first with ``head_probe_steps``), the same training batches in the same order, the same dropout draws (the
-global RNG is forked, so the caller's random state is untouched). Whatever a scorer does to the
-model is undone before the next candidate: values, head copies, training mode, flags.
+found it (fresh, or trained alone first with ``head_probe_steps``), the same training batches in
+the same order, the same dropout draws (the global RNG is forked, so the caller's random state is
+untouched). Whatever a scorer does to the model is undone before the next candidate: values, head
+copies, training mode, flags.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
     torchrun --standalone --nproc_per_node N tests/distributed_worker.py MODE OUT_DIR
 
-MODE: fisher | ird | probe (prepare only; probe: head probing first, from a rank-dependent head), trainer | accelerate (prepare, then 4 optimizer steps with a
-global batch of 8 split over the ranks), fsdp2_prepare | fsdp2_train (a tiny Llama under FSDP2,
-see ``fsdp2``), accelerate_fsdp2, deepspeed_zero2 | deepspeed_zero3 (see ``deepspeed_zero``), deepspeed_zero_init.
+MODE: fisher | ird | probe (prepare only; probe: head probing first, from a rank-dependent head),
+trainer | accelerate (prepare, then 4 optimizer steps with a global batch of 8 split over the
+ranks), fsdp2_prepare | fsdp2_train (a tiny Llama under FSDP2, see ``fsdp2``), accelerate_fsdp2,
+deepspeed_zero2 | deepspeed_zero3 (see ``deepspeed_zero``), deepspeed_zero_init.
 Each rank saves its masks and values to OUT_DIR/rank{r}.pt.
 """
 

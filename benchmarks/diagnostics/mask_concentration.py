@@ -69,16 +69,15 @@ def main() -> None:
                 model, _ = fishird_model(load_base(data, seed), data, ratio, 128, 0, **extra)
                 runs.append({"condition": condition, "keep_ratio": ratio, "head_seed": seed, **spread(model)})
                 print(runs[-1], flush=True)
-    (RESULTS / "mask_concentration.json").write_text(
-        json.dumps({"meta": provenance(), "runs": runs}, indent=1) + "\n"
-    )
+    (RESULTS / "mask_concentration.json").write_text(json.dumps({"meta": provenance(), "runs": runs}, indent=1) + "\n")
     lines = [
         "# Mask concentration over input features (Linear weights of MiniLM's encoder and pooler)",
         "",
         "`python benchmarks/diagnostics/mask_concentration.py`; mean over matrices, then mean ± std over",
         "head seeds 0, 1, 2. Movie task, Fisher over 128 training sentences.",
         "",
-        "| condition | keep | features touched | entries in the top 1% of features | most-filled feature (share of rows) |",
+        "| condition | keep | features touched | entries in the top 1% of features | most-filled feature "
+        "(share of rows) |",
         "|---|---|---|---|---|",
     ]
     for condition in CONDITIONS:
