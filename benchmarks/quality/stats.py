@@ -21,16 +21,7 @@ METHOD_ORDER = (
     "lora",
     "full",
 )
-COMPARED_TO_FISH = (
-    "fish_column_capped",
-    "ird",
-    "ird_column_capped",
-    "ird_branch",
-    "ird_reverse",
-    "ird_random",
-    "random",
-    "lora",
-)
+COMPARED_TO_FISH = tuple(m for m in METHOD_ORDER if m not in ("fish", "full"))  # paired against FISH
 IRD_VARIANTS = ("ird", "ird_branch", "ird_reverse", "ird_random")
 COLOURS = {
     "fish": "C0",
