@@ -227,7 +227,7 @@ def column_capped_top_k(values: torch.Tensor, quota: int, input_axis: int) -> to
     other = 1 - input_axis
     order = torch.sort(values, dim=other, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
-    positions = torch.arange(values.shape[other]).unsqueeze(input_axis).expand_as(order)
+    positions = torch.arange(values.shape[other], device=values.device).unsqueeze(input_axis).expand_as(order)
     ranks.scatter_(other, order, positions)
     flat = values.reshape(-1)
     allowed = flat > float("-inf")
