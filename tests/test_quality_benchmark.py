@@ -271,7 +271,7 @@ def test_default_profile_tunes_every_rate_on_validation_and_runs_five_seeds_of_t
     rates = {}
     for c in grid:
         rates.setdefault((c.task, c.method, c.keep_ratio), set()).add(c.learning_rate)
-    assert {len(r) for r in rates.values()} == {3}  # the same grid size for every method
+    assert {len(r) for r in rates.values()} == {4}  # the same grid size for every method
     for task in OFFLINE_TASKS:
         for ratio in (0.002, 0.005):
             for method in ("fish", "ird", "lora"):
@@ -291,6 +291,10 @@ def test_default_profile_probes_the_head_for_every_method_and_protocol_v2_keeps_
     default = load_profile(DEFAULT_CONFIG, "default")
     for exp in default.experiments:
         assert exp.settings["train"]["head_probe"] == {"steps": 48, "lr": 0.01, "batch_size": 16}
+    v3 = load_profile(DEFAULT_CONFIG, "protocol_v3")
+    assert default.reuses == "protocol_v3"
+    v3_keys = {c.key for c, _ in plan(apply_flags(v3, parse_args(["--experiments", "main,column_capped"])))}
+    assert v3_keys <= ResultStore(REPO / "benchmarks" / "results" / "quality_v3" / "quality.json").done()
     v2 = load_profile(DEFAULT_CONFIG, "protocol_v2")
     keys = {c.key for c, _ in plan(apply_flags(v2, parse_args(["--profile", "protocol_v2"])))}
     committed = ResultStore(REPO / "benchmarks" / "results" / "quality_v2" / "quality.json").done()
@@ -327,12 +331,12 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     assert low < sum(values) / len(values) < high and (low, high) == bootstrap_ci(values)
 
 
-def _fake_run(calls, fail_rate=None):
+def _fake_run(calls, fail_rate=None, scores=None):
     def run_cell(cell, exp, ctx, rate):
         calls.append((cell.phase, cell.seed, rate))
         if rate == fail_rate:
             raise RuntimeError("boom")
-        score = {0.0003: 0.6, 0.001: 0.8, 0.003: 0.7}[rate]
+        score = (scores or {0.0003: 0.6, 0.001: 0.8, 0.003: 0.7})[rate]
         return {
             "key": cell.key,
             "settings_id": cell.settings_id,
@@ -351,7 +355,7 @@ def _fake_run(calls, fail_rate=None):
 
 
 def test_grid_then_main_phase_runs_at_the_chosen_rate_reuses_the_grid_seed_and_resumes(tmp_path, monkeypatch):
-    profile = load_profile(DEFAULT_CONFIG, "default")
+    profile = load_profile(DEFAULT_CONFIG, "protocol_v3")  # a 3-rate grid
     flags = ["--tasks", "movie", "--methods", "fish", "--keep-ratios", "0.005", "--seeds", "0,1"]
     cells = plan(apply_flags(profile, parse_args(flags)))
     store = ResultStore(tmp_path / "quality.json")
@@ -368,6 +372,83 @@ def test_grid_then_main_phase_runs_at_the_chosen_rate_reuses_the_grid_seed_and_r
     assert all(r["lr_choice"]["chosen"] == 0.001 for r in main_records)
     assert next(r for r in main_records if r["seed"] == 0)["reused_run"].endswith("/lr0.001/lr_grid")
     assert phases.run_all(cells, store) == [] and len(store.records) == 5
+
+
+def _narrow_and_wide_config(tmp_path, wide_change=None):
+    """A config with 'narrow' (protocol v3) and 'wide' (its sparse grid + 0.01, reusing 'narrow')."""
+    profiles = json.loads(DEFAULT_CONFIG.read_text())["profiles"]
+    narrow = {**profiles["protocol_v3"], "output_dir": str(tmp_path / "narrow")}
+    wide = json.loads(json.dumps(narrow))
+    wide.update(output_dir=str(tmp_path / "wide"), reuses="narrow")
+    lr = wide["settings"]["train"]["lr"]
+    lr.update(sparse=[*lr["sparse"], 0.01], lora=[*lr["lora"], 0.02], full=[*lr["full"], 0.001])
+    if wide_change:
+        wide_change(wide["settings"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"profiles": {"narrow": narrow, "wide": wide}}))
+    return path
+
+
+def _run_profile(config, name, monkeypatch, scores, earlier=True):
+    from benchmarks.quality.reuse import EarlierRuns
+
+    profile = load_profile(config, name)
+    flags = ["--tasks", "movie", "--methods", "fish", "--keep-ratios", "0.005", "--seeds", "0,1,2"]
+    cells = plan(apply_flags(profile, parse_args(flags)))
+    store = ResultStore(profile.output_dir / "quality.json")
+    calls = []
+    monkeypatch.setattr(phases, "run_cell", _fake_run(calls, scores=scores))
+    runs = EarlierRuns(load_profile(config, profile.reuses)) if profile.reuses and earlier else None
+    assert phases.run_all(cells, store, runs) == []
+    return calls, store
+
+
+def test_a_wider_grid_copies_the_earlier_profiles_runs_at_kept_rates_and_runs_only_the_rest(tmp_path, monkeypatch):
+    narrow_scores = {0.0003: 0.6, 0.001: 0.8, 0.003: 0.7}
+    config = _narrow_and_wide_config(tmp_path)
+    calls, narrow = _run_profile(config, "narrow", monkeypatch, narrow_scores)
+    assert len(calls) == 5  # 3 grid rates, seeds 1 and 2 at 0.001
+    # the new top rate loses on validation: only it runs; everything else is the narrow profile's run
+    calls, wide = _run_profile(config, "wide", monkeypatch, {**narrow_scores, 0.01: 0.75})
+    assert calls == [("lr_grid", 0, 0.01)]
+    by_key = {r["key"]: r for r in narrow.records}
+    copies = [r for r in wide.records if "copied_from" in r]
+    # 3 grid rates, seeds 1 and 2, and seed 0's main record (the copied grid run at the chosen rate)
+    assert len(copies) == 6 and {r["settings_id"] for r in wide.records} == {wide.records[0]["settings_id"]}
+    for r in copies:
+        source = by_key[r["copied_from"]["key"]]
+        assert r["copied_from"]["profile"] == "narrow" and r["key"] != source["key"]
+        assert r["learning_rate"] == source["learning_rate"] and r["metrics"] == source["metrics"]
+        assert r["settings"]["train"]["lr"]["sparse"] == [0.0003, 0.001, 0.003, 0.01]
+    main_records = [r for r in wide.records if r["phase"] == "main"]
+    assert all(r["lr_choice"]["grid"][-1] == [0.01, 0.75] and r["lr_choice"]["chosen"] == 0.001 for r in main_records)
+
+
+def test_a_wider_grid_that_chooses_a_new_rate_reruns_the_seeds_and_copies_nothing_of_other_settings(
+    tmp_path, monkeypatch
+):
+    narrow_scores = {0.0003: 0.6, 0.001: 0.8, 0.003: 0.7}
+    config = _narrow_and_wide_config(tmp_path)
+    _run_profile(config, "narrow", monkeypatch, narrow_scores)
+    calls, wide = _run_profile(config, "wide", monkeypatch, {**narrow_scores, 0.01: 0.9})
+    assert calls == [("lr_grid", 0, 0.01), ("main", 1, 0.01), ("main", 2, 0.01)]
+    assert all(r["learning_rate"] == 0.01 for r in wide.records if r["phase"] == "main")
+    # a setting besides the grid differs: nothing is copied
+    other = tmp_path / "other"
+    other.mkdir()
+    config = _narrow_and_wide_config(other, wide_change=lambda s: s["train"].update(epochs=4))
+    _run_profile(config, "narrow", monkeypatch, narrow_scores)
+    calls, wide = _run_profile(config, "wide", monkeypatch, {**narrow_scores, 0.01: 0.9})
+    assert len(calls) == 6 and not any("copied_from" in r for r in wide.records)
+
+
+def test_a_profile_can_only_reuse_another_profile_of_its_file(tmp_path):
+    profiles = json.loads(DEFAULT_CONFIG.read_text())["profiles"]
+    for bad in ("missing", "self"):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({"profiles": {"self": {**profiles["protocol_v3"], "reuses": bad}}}))
+        with pytest.raises(BenchmarkError, match="must be another profile"):
+            load_profile(path, "self")
 
 
 def test_report_prints_acceptance_lines_grid_table_and_bootstrap_intervals(tmp_path):

@@ -16,6 +16,8 @@ from benchmarks.quality.plan import (
     OFFLINE_TASKS,
     RESULTS_NAME,
     BenchmarkError,
+    Cell,
+    Experiment,
     apply_flags,
     load_profile,
     needs_hub,
@@ -23,6 +25,7 @@ from benchmarks.quality.plan import (
     reuses_grid,
 )
 from benchmarks.quality.report import write_report as report
+from benchmarks.quality.reuse import EarlierRuns
 from benchmarks.quality.store import ResultStore
 
 logger = logging.getLogger("quality")
@@ -77,6 +80,18 @@ def profile_name(args: argparse.Namespace) -> str:
     return "smoke" if args.smoke else "full" if args.full else args.profile or "default"
 
 
+def copy_note(earlier: EarlierRuns, cell: Cell, exp: Experiment) -> str:
+    """For --list: whether the cell can be copied from the earlier profile (a main cell: if its rate is kept)."""
+    if cell.phase == GRID_PHASE:
+        found = earlier.copy_for(cell, exp, float(cell.learning_rate), None) is not None
+        return f" (copied from {earlier.profile.name})" if found else ""
+    earlier_cell = earlier.earlier_cell(cell, exp)
+    record = earlier.by_key.get(earlier_cell.key) if earlier_cell is not None else None
+    if record is None:
+        return ""
+    return f" (copied from {earlier.profile.name} if the grid keeps lr {record['learning_rate']:g})"
+
+
 def write_report(store: ResultStore, output_dir: Path) -> None:
     written = report(store.records, output_dir)
     logger.info("report: %s", ", ".join(str(p) for p in written))
@@ -94,10 +109,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         experiments = apply_flags(profile, args)
         cells = plan(experiments)
+        earlier = EarlierRuns(load_profile(args.config, profile.reuses)) if profile.reuses else None
         if args.list:
             done = store.done()
             for cell, exp in cells:
                 reuse = " (the grid's run at the chosen rate)" if reuses_grid(cell, exp) else ""
+                if earlier is not None and not reuses_grid(cell, exp) and cell.key not in done:
+                    reuse += copy_note(earlier, cell, exp)
                 logger.info("%s %s%s", "done" if cell.key in done else "todo", cell.label(), reuse)
             grid = sum(c.phase == GRID_PHASE for c, _ in cells)
             copies = sum(reuses_grid(c, e) for c, e in cells)
@@ -114,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # imported here, after HF_HUB_OFFLINE is set: huggingface_hub reads it once, when transformers is imported
         from benchmarks.quality.phases import run_all
 
-        failed = run_all(cells, store)
+        failed = run_all(cells, store, earlier)
         write_report(store, output_dir)
     except BenchmarkError as err:
         logger.error("error: %s", err)

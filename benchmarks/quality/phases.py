@@ -3,6 +3,7 @@
 A main cell whose method has a grid trains at the rate with the best validation accuracy of its grid
 (``stats.choose_rate``: searched on the grid seed, then used for every seed). The main cell on the
 grid seed itself is the grid's run at that rate: its record is copied (``reused_run``), not rerun.
+A profile that ``reuses`` an earlier one copies that profile's runs at the same rate (``reuse.py``).
 Records are appended one at a time, so an interrupted run resumes in either phase.
 """
 
@@ -19,6 +20,7 @@ import torch
 import transformers
 
 from benchmarks.quality.plan import GRID_PHASE, BenchmarkError, Cell, Experiment, learning_rates, reuses_grid
+from benchmarks.quality.reuse import EarlierRuns
 from benchmarks.quality.run import Context, run_cell
 from benchmarks.quality.stats import choose_rate
 from benchmarks.quality.store import ResultStore
@@ -40,6 +42,11 @@ class Progress:
         rest = self.todo[self.done :]
         by_kind = {k: sum(v) / len(v) for k, v in self.seconds.items()}
         return sum(by_kind.get((c.model, c.method), mean) for c in rest)
+
+    def skip(self, cell: Cell) -> None:
+        """A planned run that needs no training after all (copied from an earlier profile)."""
+        if cell in self.todo[self.done :]:
+            self.todo.remove(cell)
 
     def finish(self, cell: Cell, seconds: float, accuracy: Optional[float]) -> None:
         self.done += 1
@@ -76,8 +83,14 @@ def reused_record(cell: Cell, choice: dict[str, Any], store: ResultStore) -> dic
     return {**run, **relabel, "reused_run": run["key"]}
 
 
-def run_all(cells: list[tuple[Cell, Experiment]], store: ResultStore) -> list[str]:
-    """Run every cell not in the store yet, grid cells first; returns the labels of cells that failed."""
+def run_all(
+    cells: list[tuple[Cell, Experiment]], store: ResultStore, earlier: Optional[EarlierRuns] = None
+) -> list[str]:
+    """Run every cell not in the store yet, grid cells first; returns the labels of cells that failed.
+
+    With ``earlier`` (the profile named by ``reuses``), a cell whose run at its rate is in the earlier
+    profile's results is copied from there instead of trained.
+    """
     done = store.done()
     todo = [(c, e) for c, e in cells if c.key not in done]
     logger.info(
@@ -100,6 +113,12 @@ def run_all(cells: list[tuple[Cell, Experiment]], store: ResultStore) -> list[st
         if reuses_grid(cell, exp):
             store.append(reused_record(cell, choice, store))
             logger.info("%s: the grid's run at the chosen lr %g", cell.label(), choice["chosen"])
+            continue
+        copied = earlier.copy_for(cell, exp, choice["chosen"], choice) if earlier is not None else None
+        if copied is not None:
+            store.append(copied)
+            progress.skip(cell)
+            logger.info("%s: copied at lr %g from %s", cell.label(), choice["chosen"], copied["copied_from"]["key"])
             continue
         start = time.perf_counter()
         try:

@@ -171,6 +171,7 @@ class Profile:
     name: str
     output_dir: Path
     experiments: list[Experiment]
+    reuses: Optional[str] = None  # an earlier profile whose runs at the same rate are copied (``reuse.py``)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
@@ -220,7 +221,13 @@ def load_profile(config_path: Path, name: str) -> Profile:
     for exp in experiments:
         validate_experiment(exp)
     output_dir = Path(raw.get("output_dir", "benchmarks/results"))
-    return Profile(name, output_dir if output_dir.is_absolute() else REPO / output_dir, experiments)
+    reuses = raw.get("reuses")
+    if reuses is not None and (reuses == name or reuses not in profiles):
+        raise BenchmarkError(
+            f"{config_path.name}: profile {name!r} reuses {reuses!r}, which must be another profile of the file "
+            f"(one of {sorted(set(profiles) - {name})}) whose settings differ only in train.lr."
+        )
+    return Profile(name, output_dir if output_dir.is_absolute() else REPO / output_dir, experiments, reuses)
 
 
 def validate_experiment(exp: Experiment) -> None:
