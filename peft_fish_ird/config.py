@@ -16,6 +16,8 @@ from peft.config import PeftConfig
 
 from ._version import __version__
 from .evaluation import ScorerSettings
+from .head_probe import AUTO as HEAD_PROBE_AUTO
+from .head_probe import AUTO_STEPS as HEAD_PROBE_AUTO_STEPS
 from .head_probe import HeadProbeSettings
 from .ird import IRD_SEARCHES, IRDSearch, IRDSettings
 from .layer_types import describe_supported
@@ -140,12 +142,14 @@ class FishIRDConfig(PeftConfig):
             )
         },
     )
-    head_probe_steps: int = field(
-        default=HeadProbeSettings.steps,
+    head_probe_steps: Union[int, Literal["auto"]] = field(
+        default=HEAD_PROBE_AUTO,
         metadata={
             "help": (
                 "Head probing (LP-FT) before the Fisher pass: AdamW steps training only the head (`modules_to_save`) "
-                "so the mask is scored, and training starts, through a trained head. 0 (default): off; e.g. 48."
+                "so the mask is scored, and training starts, through a trained head. 'auto' (default): "
+                f"{HEAD_PROBE_AUTO_STEPS} steps for task_type='SEQ_CLS' with a head in modules_to_save and at least "
+                "one batch of data, else off; an int: that many steps; 0: off."
             )
         },
     )
@@ -322,9 +326,14 @@ class FishIRDConfig(PeftConfig):
             metric=self.ird_eval_metric,
         )
 
-    def head_probe_settings(self) -> HeadProbeSettings:
-        """How ``prepare`` probes the head before the Fisher pass (``steps == 0``: it does not)."""
-        return HeadProbeSettings(self.head_probe_steps, self.head_probe_lr, self.head_probe_batch_size, self.seed)
+    def head_probe_settings(self, steps: Optional[int] = None) -> HeadProbeSettings:
+        """How ``prepare`` probes the head before the Fisher pass (``steps == 0``: it does not).
+
+        ``steps``: the resolved step count (``head_probe.resolve_steps``); default ``head_probe_steps``,
+        with ``"auto"`` read as its step count (for checking the other values)."""
+        if steps is None:
+            steps = HEAD_PROBE_AUTO_STEPS if self.head_probe_steps == HEAD_PROBE_AUTO else self.head_probe_steps
+        return HeadProbeSettings(steps, self.head_probe_lr, self.head_probe_batch_size, self.seed)
 
     def _validate(self) -> None:
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
@@ -358,6 +367,11 @@ class FishIRDConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: pass a positive int, e.g. 16.")
+        if isinstance(self.head_probe_steps, str) and self.head_probe_steps != HEAD_PROBE_AUTO:
+            raise ValueError(
+                f"head_probe_steps={self.head_probe_steps!r} is invalid: pass 'auto' (the default), a number of "
+                "steps such as 48, or 0 for no probing."
+            )
         self.head_probe_settings()  # checks the head_probe_* values
         if self.ird_rounds is not None and (
             isinstance(self.ird_rounds, bool) or not isinstance(self.ird_rounds, int) or self.ird_rounds < 1

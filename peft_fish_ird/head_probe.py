@@ -9,8 +9,10 @@ al., 2022, "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-
 
 Measured on all-MiniLM-L6-v2, three tasks, 0.2% and 0.5% (``benchmarks/results/quality_v3`` against
 ``quality_v2``, paired over 30 seeds): probing for 48 steps at 1e-2 raised FISH's test accuracy by
-2.4 points and its validation accuracy by 1.2. ``FishIRDConfig.head_probe_steps`` turns it on; the
-quality benchmark applies the same loop (:func:`train_only`) before every method.
+2.4 points and its validation accuracy by 1.2. ``FishIRDConfig.head_probe_steps`` sets it: the
+default ``"auto"`` probes for :data:`AUTO_STEPS` steps when the adapter has a new head to probe
+(:func:`resolve_steps`); an int sets the steps, 0 turns probing off. The quality benchmark applies
+the same loop (:func:`train_only`) before every method.
 """
 
 from __future__ import annotations
@@ -29,12 +31,47 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import collate_indices, is_indexable, move_to, normalise_labels
 
+AUTO = "auto"
+AUTO_STEPS = 48  # the measured setting (benchmarks/results/head_probe, quality_v3): 48 steps at 1e-2, batch 16
+# task types whose head PEFT adds to ``modules_to_save`` because the model creates it new (random)
+NEW_HEAD_TASK_TYPES = ("SEQ_CLS",)
+
+
+def resolve_steps(
+    steps: Any, task_type: Optional[str], has_head: bool, num_examples: Optional[int], batch_size: int
+) -> tuple[int, str]:
+    """How many probing steps ``prepare`` runs, and why (recorded in the selection record).
+
+    An int is taken as given. ``"auto"`` probes for :data:`AUTO_STEPS` steps only where probing is
+    what was measured to help: a sequence classifier (``task_type="SEQ_CLS"``: a new, random head),
+    whose head the adapter trains (``modules_to_save``), with at least one batch of training
+    examples. Anything else - a causal LM (its head is pretrained), no head copy, fewer examples
+    than ``head_probe_batch_size`` - means no probing, and the reason says which.
+    """
+    if steps != AUTO:
+        return int(steps), "set" if steps else "off (head_probe_steps=0)"
+    if str(task_type) not in NEW_HEAD_TASK_TYPES:
+        return 0, f"auto: off, task_type={task_type!r} has no new head to probe (only {list(NEW_HEAD_TASK_TYPES)})"
+    if not has_head:
+        return 0, "auto: off, the adapter trains no head (modules_to_save is empty)"
+    if num_examples is not None and num_examples < batch_size:
+        return 0, f"auto: off, {num_examples} training examples < head_probe_batch_size={batch_size}"
+    return AUTO_STEPS, f"auto: {AUTO_STEPS} steps (a new SEQ_CLS head in modules_to_save)"
+
+
+def example_count(data: Any) -> Optional[int]:
+    """Training examples in ``data`` for ``resolve_steps``; None for a DataLoader (its batches are its own)."""
+    if isinstance(data, DataLoader) or not is_indexable(data):
+        return None
+    return len(data)
+
 
 @dataclass(frozen=True)
 class HeadProbeSettings:
     """How the head is probed: ``steps`` AdamW steps (constant ``lr``, no weight decay) on batches of
-    ``batch_size`` training examples, reshuffled with ``seed`` each pass over the data. These defaults
-    are ``FishIRDConfig``'s ``head_probe_*`` defaults (``steps=0``: off)."""
+    ``batch_size`` training examples, reshuffled with ``seed`` each pass over the data. ``lr`` and
+    ``batch_size`` are ``FishIRDConfig``'s ``head_probe_*`` defaults; ``steps`` is resolved first
+    (:func:`resolve_steps`; ``steps=0``: off)."""
 
     steps: int = 0
     lr: float = 1e-2

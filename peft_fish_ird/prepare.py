@@ -25,7 +25,8 @@ from .config import IRD_SELECTIONS, FishIRDConfig
 from .data import check_sequence_length, collate_indices, fisher_batches, move_to, require_indexable, seeded_permutation
 from .evaluation import MaskedFineTuneScorer, isolated_candidate
 from .fisher import compute_fisher
-from .head_probe import probe_heads
+from .head_probe import AUTO as HEAD_PROBE_AUTO
+from .head_probe import example_count, probe_heads, resolve_steps
 from .ird import IRDRound, iterative_range_decreasing, planned_passes, schedule
 from .layer import FishIRDLayer
 from .record import SelectionRecord, mask_fingerprint
@@ -127,6 +128,7 @@ class PrepareJob:
         self.targets = {name: layer.get_base_layer() for name, layer in self.layers.items()}
         self.device = next(self.model.parameters()).device
         self.head_probe: dict[str, Any] = {}  # what probing did; non-empty: the Fisher sees the probed head
+        self.head_probe_choice = ""  # how the step count was chosen (head_probe.resolve_steps)
         if (selection_dataset is not None or evaluator is not None) and self.config.selection not in IRD_SELECTIONS:
             raise ValueError(
                 f"selection_dataset / evaluator are used by IRD only, but selection={self.config.selection!r}; set "
@@ -142,22 +144,36 @@ class PrepareJob:
                 "FishIRD initialised torch.distributed (%d processes) for the Fisher pass.", distributed.world_size()
             )
         distributed.sync_module_states(self.model)
-        if self.config.head_probe_steps:
-            self.head_probe = self.probe_head()
+        heads = self.head_copies()
+        steps, why = resolve_steps(
+            self.config.head_probe_steps,
+            self.config.task_type,
+            has_head=bool(heads),
+            num_examples=example_count(self.data),
+            batch_size=self.config.head_probe_batch_size,
+        )
+        self.head_probe_choice = why
+        if steps:
+            self.head_probe = self.probe_head(heads, steps)
+        elif self.config.head_probe_steps == HEAD_PROBE_AUTO:
+            logger.info("FishIRD head probe %s.", why.replace("auto: ", "(auto) "))
         total, head = self.tuner.count_parameters()
         k = sparse_budget(total, head, self.config.keep_ratio, self.config.head_in_budget)
         selected = SELECTIONS[self.config.selection](self, k)
         record = self.record(selected, total, head, k, time.perf_counter() - start)
         return Outcome(selected.masks, record)
 
-    def probe_head(self) -> dict[str, Any]:
+    def head_copies(self) -> list[nn.Module]:
+        """The adapter's trainable head copies (``modules_to_save``), the modules head probing trains."""
+        return [w.modules_to_save[self.adapter] for w in self.head_wrappers if self.adapter in w.modules_to_save]
+
+    def probe_head(self, heads: list[nn.Module], steps: int) -> dict[str, Any]:
         """Train the adapter's head copies alone (the sparse layers off: the body is the pretrained
-        model) for ``head_probe_steps`` steps on the training data, before any Fisher pass."""
-        heads = [w.modules_to_save[self.adapter] for w in self.head_wrappers if self.adapter in w.modules_to_save]
+        model) for ``steps`` steps on the training data, before any Fisher pass."""
+        settings = self.config.head_probe_settings(steps)
         with adapters_disabled(self.layers.values()):
-            done = probe_heads(
-                self.model, heads, self.data, self.collator, self.config.head_probe_settings(), progress=self.progress
-            )
+            done = probe_heads(self.model, heads, self.data, self.collator, settings, progress=self.progress)
+        done["chosen"] = self.head_probe_choice
         logger.info(
             "FishIRD head probe: %d steps at lr %g, loss %.4f -> %.4f (%.1f s).",
             done["steps"],
@@ -185,6 +201,8 @@ class PrepareJob:
         out: dict[str, Any] = {"selection": c.selection, "fisher_batch_size": self.batch_size}
         if self.head_probe:
             out["head_probe"] = self.head_probe
+        elif c.head_probe_steps == HEAD_PROBE_AUTO:  # say why "auto" did not probe
+            out["head_probe"] = {"steps": 0, "chosen": self.head_probe_choice}
         if c.selection in IRD_SELECTIONS:
             out["ird"] = dataclasses.asdict(c.ird_settings())
             out["evaluator"] = "user" if self.evaluator is not None else "built-in"

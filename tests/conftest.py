@@ -139,10 +139,11 @@ def examples() -> list[dict]:
 
 
 def fish_config(**overrides):
-    """A FishIRDConfig for the tiny models: 5% budget, few samples."""
+    """A FishIRDConfig for the tiny models: 5% budget, few samples, plain FISH (no head probing, which
+    ``head_probe_steps="auto"`` would run for these SEQ_CLS models; test_head_probe.py covers it)."""
     from peft_fish_ird import FishIRDConfig
 
-    kwargs = dict(task_type="SEQ_CLS", keep_ratio=0.05, num_samples=16, fisher_batch_size=4)
+    kwargs = dict(task_type="SEQ_CLS", keep_ratio=0.05, num_samples=16, fisher_batch_size=4, head_probe_steps=0)
     kwargs.update(overrides)
     return FishIRDConfig(**kwargs)
 

@@ -145,3 +145,63 @@ def test_ird_scores_candidates_from_the_probed_head_and_keeps_it():
     heads = [m.base_model.model.classifier.modules_to_save["default"] for m in (fish, ird)]
     for a, b in zip(*(h.parameters() for h in heads)):
         assert torch.equal(a, b)  # the scorer's fine-tunes were undone: the head is the probed one
+
+
+# ------------------------------------------------------------------------------------- the "auto" default
+def test_auto_is_the_default_and_probes_a_new_sequence_classification_head_for_48_steps():
+    from peft_fish_ird.head_probe import AUTO_STEPS
+
+    assert FishIRDConfig().head_probe_steps == "auto" and AUTO_STEPS == 48
+    examples = make_examples(24)
+    base = tiny_bert(0)
+    auto = get_peft_model(copy.deepcopy(base), fish_config(head_probe_steps="auto", head_probe_batch_size=BATCH))
+    record = auto.prepare(examples, data_collator=pad_collate, progress=False)
+    explicit = get_peft_model(copy.deepcopy(base), fish_config(head_probe_steps=48, head_probe_batch_size=BATCH))
+    explicit.prepare(examples, data_collator=pad_collate, progress=False)
+    a, b = adapter_masks(auto), adapter_masks(explicit)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # "auto" here is exactly 48 steps
+    info = record.settings["head_probe"]
+    assert info["steps"] == 48 and info["chosen"].startswith("auto: 48 steps")
+    assert explicit.peft_config["default"].head_probe_steps == 48
+
+
+@pytest.mark.parametrize(
+    "case, why",
+    [
+        ("no_task_type", "has no new head to probe"),
+        ("few_examples", "training examples < head_probe_batch_size"),
+    ],
+)
+def test_auto_does_not_probe_without_a_new_head_or_a_full_batch_and_records_why(case, why):
+    examples = make_examples(24)
+    base = tiny_bert(0)
+    overrides = {"head_probe_steps": "auto"}
+    if case == "no_task_type":
+        overrides["task_type"] = None  # no task type: PEFT makes no head copy, so nothing to probe
+        overrides["target_modules"] = ["query", "value"]
+    else:
+        overrides["head_probe_batch_size"] = 32  # more than the 24 examples
+    model = get_peft_model(copy.deepcopy(base), fish_config(**overrides))
+    record = model.prepare(examples, data_collator=pad_collate, progress=False)
+    plain = get_peft_model(copy.deepcopy(base), fish_config(**{**overrides, "head_probe_steps": 0}))
+    plain.prepare(examples, data_collator=pad_collate, progress=False)
+    a, b = adapter_masks(model), adapter_masks(plain)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # nothing probed: plain FISH's mask
+    assert record.settings["head_probe"]["steps"] == 0 and why in record.settings["head_probe"]["chosen"]
+
+
+def test_auto_resolves_by_task_type_head_and_data_size():
+    from peft_fish_ird.head_probe import resolve_steps
+
+    assert resolve_steps("auto", "SEQ_CLS", True, 24, 16)[0] == 48
+    assert resolve_steps("auto", "SEQ_CLS", True, None, 16)[0] == 48  # a DataLoader: its own batches
+    assert "modules_to_save is empty" in resolve_steps("auto", "SEQ_CLS", False, 24, 16)[1]
+    steps, why = resolve_steps("auto", "CAUSAL_LM", True, 1000, 16)
+    assert steps == 0 and "no new head" in why  # a causal LM's head is pretrained
+    assert resolve_steps(12, "CAUSAL_LM", True, 1000, 16) == (12, "set")  # an int is taken as given
+    assert resolve_steps(0, "SEQ_CLS", True, 1000, 16)[0] == 0
+
+
+def test_head_probe_steps_refuses_other_strings():
+    with pytest.raises(ValueError, match="'auto' \\(the default\\), a number of steps"):
+        FishIRDConfig(head_probe_steps="yes")

@@ -143,7 +143,7 @@ def fishird_model(
         fisher="empirical",
         head_in_budget=True,
         seed=fisher_seed,
-        **{"budget": "global", **extra},
+        **{"budget": "global", "head_probe_steps": 0, **extra},  # the diagnostics' plain FISH unless told
     )
     model = get_peft_model(base, cfg)
     kwargs = {k: v for k, v in (("selection_dataset", selection_dataset), ("evaluator", evaluator)) if v is not None}

@@ -74,7 +74,8 @@ def build_fishird(base: Any, cell: Cell, exp: Experiment, data: TaskData) -> tup
         task_type=task_type_of(exp),
         keep_ratio=cell.keep_ratio,
         seed=cell.seed,
-        **{**s["fish"], **s["ird"], **METHOD_CONFIG[cell.method]},  # the method's own settings win
+        # the benchmark probes the head itself, before every method (settings.train.head_probe): never again here
+        **{"head_probe_steps": 0, **s["fish"], **s["ird"], **METHOD_CONFIG[cell.method]},  # the method's own win
     )
     model = get_peft_model(base, config)
     selection = data.selection if cell.method in IRD_METHODS else None

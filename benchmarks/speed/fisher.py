@@ -103,7 +103,10 @@ def bench_prepare(args) -> dict[str, Any]:
     device, out = args.device, {}
     for n in args.prepare_samples:
         examples = as_examples(make_batches(n, args.fisher_batch, args.tokens, "cpu", seed=5))
-        config = FishIRDConfig(task_type="SEQ_CLS", num_samples=n, fisher_batch_size=args.fisher_batch)
+        # prepare against one plain pass: the Fisher's data, pass and selection, no head probing
+        config = FishIRDConfig(
+            task_type="SEQ_CLS", num_samples=n, fisher_batch_size=args.fisher_batch, head_probe_steps=0
+        )
         model = get_peft_model(load_model(device), config)
         draw = dict(model=model, num_samples=n, seed=0, batch_size=args.fisher_batch, data_collator=collate)
         batches = [move_to(b, device) for b in fisher_batches(examples, **draw).batches]

@@ -78,7 +78,8 @@ def bench_ird_and_size(args) -> dict[str, Any]:
     device = args.device
     examples = as_examples(make_batches(args.ird_samples + 64, 16, args.tokens, "cpu", seed=3))
     fish = get_peft_model(
-        load_model(device), FishIRDConfig(task_type="SEQ_CLS", num_samples=args.ird_samples, fisher_batch_size=16)
+        load_model(device),
+        FishIRDConfig(task_type="SEQ_CLS", num_samples=args.ird_samples, fisher_batch_size=16, head_probe_steps=0),
     )
     fish_rec = fish.prepare(examples, data_collator=collate, progress=False)
     ird = get_peft_model(
@@ -90,6 +91,7 @@ def bench_ird_and_size(args) -> dict[str, Any]:
             ird_min_samples=args.ird_samples // 8,
             ird_eval_steps=args.ird_eval_steps,
             fisher_batch_size=16,
+            head_probe_steps=0,  # IRD's cost against FISH's Fisher pass, both without probing
         ),
     )
     rec = ird.prepare(examples, data_collator=collate, progress=False)

@@ -34,6 +34,7 @@ def build_method(name: str, device: str, keep_ratio: float, examples: list[dict[
             keep_ratio=keep_ratio,
             num_samples=len(examples),
             keep_effective_weight=name == "fishird_keep",
+            head_probe_steps=0,  # the step is timed, not the head; no probing in prepare
         )
         model = get_peft_model(base, config)
         model.prepare(examples, data_collator=collate, progress=False)
@@ -44,7 +45,8 @@ def build_method(name: str, device: str, keep_ratio: float, examples: list[dict[
         model = base
     elif name == "fish_dense_mask":
         fish = get_peft_model(
-            load_model(device), FishIRDConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, num_samples=len(examples))
+            load_model(device),
+            FishIRDConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, num_samples=len(examples), head_probe_steps=0),
         )
         fish.prepare(examples, data_collator=collate, progress=False)
         masks = {}
