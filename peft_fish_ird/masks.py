@@ -319,5 +319,5 @@ def _scores(
     check_sequence_length(model, drawn.batches)
     device = next(model.parameters()).device
     batches = [move_to(b, device) for b in drawn.batches]
-    result = compute_fisher(model, batches, targets, fisher, progress=progress, desc="Fisher")
+    result = compute_fisher(model, batches, targets, fisher, progress=progress, desc="Fisher", sample_scores=False)
     return dict(result.scores)

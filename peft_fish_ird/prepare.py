@@ -241,7 +241,15 @@ class PrepareJob:
             mask_sha256=mask_fingerprint(selected.masks),
         )
 
-    def _fisher(self, batches: list[dict[str, Any]], ranges: Optional[dict[str, torch.Tensor]], desc: str):
+    def _fisher(
+        self,
+        batches: list[dict[str, Any]],
+        ranges: Optional[dict[str, torch.Tensor]],
+        desc: str,
+        sample_scores: bool = True,
+    ):
+        """A Fisher pass over ``batches`` (per-sample scores restricted to ``ranges``; ``sample_scores``
+        False: per-parameter scores only, for selections that never rank samples)."""
         check_sequence_length(self.model, batches)
         batches = [move_to(b, self.device) for b in batches]
         # the pretrained model; a probed head stays on (the point of probing: score through a trained head)
@@ -255,6 +263,7 @@ class PrepareJob:
                 sample_score_masks=ranges,
                 progress=self.progress,
                 desc=desc,
+                sample_scores=sample_scores,
             )
 
     def fish(self, k: int) -> Selected:
@@ -266,7 +275,7 @@ class PrepareJob:
             batch_size=self.batch_size,
             data_collator=self.collator,
         )
-        result = self._fisher(drawn.batches, None, "FISH Fisher")
+        result = self._fisher(drawn.batches, None, "FISH Fisher", sample_scores=False)  # FISH ranks no samples
         check_some_information(result.scores)
         masks = select(result.scores, k, self.config.budget, input_axes=self.input_axes())
         n_params = sum(s.numel() for s in result.scores.values())

@@ -115,6 +115,57 @@ def test_non_finite_loss_names_the_sample():
         compute_fisher(model, batches, _targets(model), loss_fn=loss_fn, progress=False)
 
 
+@pytest.mark.parametrize("make_model", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
+@pytest.mark.parametrize("fisher", ["empirical", "expected"])
+def test_fisher_without_per_sample_scores_gives_the_same_scores_bit_for_bit(make_model, fisher):
+    model = make_model(num_labels=3)
+    batches = batches_of(make_examples(12, num_labels=3, min_len=2, max_len=14), 6)
+    targets = _targets(model)
+    full = compute_fisher(model, batches, targets, fisher, progress=False)
+    only = compute_fisher(model, batches, targets, fisher, progress=False, sample_scores=False)
+    assert set(full.scores) == set(only.scores)
+    assert all(torch.equal(full.scores[k], only.scores[k]) for k in full.scores)
+    assert only.sample_scores.numel() == 0 and full.sample_scores.numel() == 12
+    assert only.num_samples == 12
+
+
+def test_fisher_without_per_sample_scores_on_tied_embeddings_matches():
+    from conftest import lm_batches, tiny_llama
+
+    model = tiny_llama(tied=True)
+    targets = {n: m for n, m in model.named_modules() if is_supported_layer(m)}
+    batches = lm_batches(8, 4)
+    full = compute_fisher(model, batches, targets, progress=False)
+    only = compute_fisher(model, batches, targets, progress=False, sample_scores=False)
+    assert all(torch.equal(full.scores[k], only.scores[k]) for k in full.scores)
+
+
+def test_non_finite_gradient_with_a_finite_loss_names_the_sample_without_per_sample_scores():
+    model = tiny_bert()
+    batches = batches_of(make_examples(8), 4)
+
+    def loss_fn(logits, labels):
+        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        # sqrt at 0: the value is 0 (the loss stays finite), the gradient is inf, for sample 2 alone
+        kink = torch.sqrt(logits[2:3, 0] - logits[2:3, 0].detach())
+        return losses + torch.cat([torch.zeros(2), kink, torch.zeros(1)])
+
+    for sample_scores in (True, False):  # without per-sample scores the pass reruns with them to name it
+        with pytest.raises(NonFiniteFisherError, match="sample 2 "):
+            compute_fisher(
+                model, batches, _targets(model), loss_fn=loss_fn, progress=False, sample_scores=sample_scores
+            )
+
+
+def test_sample_score_masks_need_per_sample_scores():
+    model = tiny_bert()
+    targets = _targets(model)
+    key = next(f"{n}.weight" for n in targets)
+    mask = {key: torch.ones_like(dict(model.named_parameters())[key], dtype=torch.bool)}
+    with pytest.raises(ValueError, match="pass sample_scores=True"):
+        compute_fisher(model, batches_of(make_examples(4), 4), targets, sample_score_masks=mask, sample_scores=False)
+
+
 def test_shared_module_is_refused_loudly():
     class Twice(nn.Module):
         def __init__(self):

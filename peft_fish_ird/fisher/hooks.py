@@ -18,8 +18,11 @@ class FisherHooks:
     """The running sums of one Fisher pass; installs forward hooks on the targets that attach an
     output-gradient hook running the target type's Fisher rule."""
 
-    def __init__(self, targets: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self, targets: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor], per_sample: bool = True
+    ) -> None:
         self.targets = dict(targets)
+        self.per_sample = per_sample  # False: only the per-parameter sums (no s_n; plain FISH needs none)
         self.masks = {k: m.reshape(-1).float() for k, m in masks.items()}
         self.scores: dict[str, torch.Tensor] = {}
         aliases = tied_aliases(self.targets)  # later uses of a shared tensor -> its first use's key
@@ -84,7 +87,8 @@ class FisherHooks:
     def flush_tied(self) -> None:
         """After each backward pass: sum every tied tensor's uses per sample, square, add (``tied.py``)."""
         for home, uses in self.tied_homes.items():
-            uses.flush(self.scores[home], self.batch_sample_scores, self.masks.get(home), self.batch_size)
+            samples = self.batch_sample_scores if self.per_sample else None
+            uses.flush(self.scores[home], samples, self.masks.get(home), self.batch_size)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["FisherHooks"]:

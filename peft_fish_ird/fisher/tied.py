@@ -101,10 +101,10 @@ class TiedUses:
         self.parts.clear()
 
     def flush(
-        self, scores: torch.Tensor, sample_scores: torch.Tensor, mask: Optional[torch.Tensor], batch: int
+        self, scores: torch.Tensor, sample_scores: Optional[torch.Tensor], mask: Optional[torch.Tensor], batch: int
     ) -> None:
         """Add ``sum_n (sum over uses of g_n)**2`` to ``scores`` (flat) and each sample's masked sum
-        to ``sample_scores``; forget the parts."""
+        to ``sample_scores`` (None: no per-sample scores wanted); forget the parts."""
         if not self.parts:
             return
         table = scores.view(self.rows, self.cols)
@@ -118,9 +118,12 @@ class TiedUses:
                 self._add_part(block, part, start, stop)
             block.square_()
             table[start:stop].add_(block.sum(0))
+            if sample_scores is None:
+                continue
             flat = block.reshape(batch, -1)
             per_sample.add_(flat @ weights[start:stop].reshape(-1) if weights is not None else flat.sum(1))
-        sample_scores.add_(per_sample)
+        if sample_scores is not None:
+            sample_scores.add_(per_sample)
         self.parts.clear()
 
     @staticmethod
