@@ -56,7 +56,11 @@ def bench_fisher(args) -> dict[str, Any]:
     results: dict[str, Any] = {}
     fns = {
         "plain_pass": plain,
-        "engine": lambda: results.__setitem__("engine", compute_fisher(model, batches, targets, progress=False)),
+        # as plain FISH runs it (no per-sample scores), and as IRD's rounds run it (with s_n)
+        "engine": lambda: results.__setitem__(
+            "engine", compute_fisher(model, batches, targets, progress=False, sample_scores=False)
+        ),
+        "engine_with_sample_scores": lambda: compute_fisher(model, batches, targets, progress=False),
         "vmap_chunk8": lambda: results.__setitem__("vmap", vmap_fisher(eager, batches, targets_of(eager), 8)),
     }
     if not args.skip_loop:
