@@ -81,7 +81,8 @@ def main() -> None:
     model = get_peft_model(base, config)
     print(f"accuracy before training: {accuracy(model, test, collator):.3f}")
 
-    record = model.prepare(train, data_collator=collator)  # exact Fisher -> global top-k FISH mask
+    # head probe (auto: 48 steps on the new head) -> exact Fisher -> global top-k FISH mask
+    record = model.prepare(train, data_collator=collator)
     print(
         f"FISH mask: {record.trainable_entries} sparse entries + {record.head_params} head parameters "
         f"= {100 * (record.trainable_entries + record.head_params) / record.total_params:.2f}% of "

@@ -206,9 +206,25 @@ def settings_line(record: Record) -> str:
     )
 
 
+def copy_line(records: list[Record]) -> str:
+    """Which records are runs of an earlier profile at the same rate (``reuse.py``), if any."""
+    copies = [r for r in records if "copied_from" in r]
+    if not copies:
+        return ""
+    profiles = sorted({r["copied_from"]["profile"] for r in copies})
+    files = sorted({r["copied_from"]["file"] for r in copies})
+    return (
+        f"{len(copies)} of these {len(records)} records are runs of profile {', '.join(profiles)} at the same "
+        f"learning rate under otherwise identical settings, copied from {', '.join(files)} (each keeps a "
+        "`copied_from` note); the others were run under this profile."
+    )
+
+
 def section_markdown(model: str, settings_id: str, records: list[Record], plots: dict[str, list[Path]]) -> list[str]:
+    copied = copy_line(records)
     records, grid = split_phases(records)
     lines = [f"## {model} (settings `{settings_id}`)", "", settings_line((records or grid)[0]), ""]
+    lines += [copied, ""] if copied else []
     accept = acceptance_lines(records)
     if accept:
         lines += ["Acceptance (paired per-seed differences, bootstrap 95% interval of the mean):", "", *accept, ""]
