@@ -446,6 +446,21 @@ def test_a_wider_grid_that_chooses_a_new_rate_reruns_the_seeds_and_copies_nothin
     assert len(calls) == 6 and not any("copied_from" in r for r in wide.records)
 
 
+def test_a_new_experiment_name_still_copies_runs_made_under_identical_settings(tmp_path, monkeypatch):
+    def rename(settings):  # no change to the settings: only the experiment's name differs (below)
+        return None
+
+    config = _narrow_and_wide_config(tmp_path, wide_change=rename)
+    data = json.loads(config.read_text())
+    for exp in data["profiles"]["wide"]["experiments"]:
+        exp["name"] = "renamed_" + exp["name"]
+    config.write_text(json.dumps(data))
+    narrow_scores = {0.0003: 0.6, 0.001: 0.8, 0.003: 0.7}
+    _run_profile(config, "narrow", monkeypatch, narrow_scores)
+    calls, wide = _run_profile(config, "wide", monkeypatch, {**narrow_scores, 0.01: 0.75})
+    assert calls == [("lr_grid", 0, 0.01)] and sum("copied_from" in r for r in wide.records) == 6
+
+
 def test_a_profile_can_only_reuse_another_profile_of_its_file(tmp_path):
     profiles = json.loads(DEFAULT_CONFIG.read_text())["profiles"]
     for bad in ("missing", "self"):

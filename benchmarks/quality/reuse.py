@@ -33,17 +33,20 @@ class EarlierRuns:
         self.profile = earlier
         self.path: Path = earlier.output_dir / RESULTS_NAME
         self.by_key = {r["key"]: r for r in ResultStore(self.path).records}
-        self.lr_by_experiment = {e.name: e.settings["train"]["lr"] for e in earlier.experiments}
+        # every grid setting of the earlier profile (its experiments may override train.lr): a cell of any
+        # new experiment matches an earlier run made under identical settings, whatever that experiment's name
+        grids = [e.settings["train"]["lr"] for e in earlier.experiments]
+        self.grids = [g for i, g in enumerate(grids) if g not in grids[:i]]
 
     def earlier_cell(self, cell: Cell, exp: Experiment) -> Optional[Cell]:
-        """The same cell under the earlier profile's grids (None: the earlier profile has no such experiment)."""
-        lr = self.lr_by_experiment.get(exp.name)
-        if lr is None:
-            return None
-        settings = copy.deepcopy(exp.settings)
-        settings["train"]["lr"] = copy.deepcopy(lr)
-        earlier = dataclasses.replace(exp, settings=settings)
-        return dataclasses.replace(cell, settings_id=earlier.settings_id)
+        """The same cell under the earlier profile's grids that has a run there (None: none has)."""
+        for lr in self.grids:
+            settings = copy.deepcopy(exp.settings)
+            settings["train"]["lr"] = copy.deepcopy(lr)
+            earlier = dataclasses.replace(cell, settings_id=dataclasses.replace(exp, settings=settings).settings_id)
+            if earlier.key in self.by_key:
+                return earlier
+        return None
 
     def copy_for(self, cell: Cell, exp: Experiment, rate: float, choice: Optional[dict[str, Any]]) -> Optional[dict]:
         """The earlier run of ``cell`` at ``rate``, relabelled as this profile's record; None when there is none."""
