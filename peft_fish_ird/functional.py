@@ -93,12 +93,15 @@ def check_can_prepare(tuner: Any, adapter: str, layers: dict[str, FishIRDLayer],
 
 
 def summary_line(record: SelectionRecord) -> str:
-    """``prepare``'s one-line summary: entries, their share, time, and IRD's chosen round."""
+    """``prepare``'s one-line summary: entries, their share, time, head probing, and IRD's chosen round."""
     line = (
         f"FishIRD prepare ({record.method}): {record.trainable_entries:,} sparse entries + {record.head_params:,} "
         f"head = {100.0 * (record.trainable_entries + record.head_params) / record.total_params:.3f}% of "
         f"{record.total_params:,} parameters; Fisher {record.fisher_seconds:.1f} s, total {record.seconds:.1f} s"
     )
+    probe = (record.settings or {}).get("head_probe") or {}
+    if probe.get("steps"):
+        line += f"; head probed first ({probe['steps']} steps, loss {probe['first_loss']:.3f} -> {probe['last_loss']:.3f})"
     if len(record.trace) > 1:
         best = record.trace[record.best_round - 1]
         line += (

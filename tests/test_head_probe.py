@@ -162,6 +162,9 @@ def test_auto_is_the_default_and_probes_a_new_sequence_classification_head_for_4
     assert all(torch.equal(a[k], b[k]) for k in a)  # "auto" here is exactly 48 steps
     info = record.settings["head_probe"]
     assert info["steps"] == 48 and info["chosen"].startswith("auto: 48 steps")
+    from peft_fish_ird.functional import summary_line
+
+    assert "; head probed first (48 steps, loss " in summary_line(record)
     assert explicit.peft_config["default"].head_probe_steps == 48
 
 

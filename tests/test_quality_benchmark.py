@@ -447,10 +447,7 @@ def test_a_wider_grid_that_chooses_a_new_rate_reruns_the_seeds_and_copies_nothin
 
 
 def test_a_new_experiment_name_still_copies_runs_made_under_identical_settings(tmp_path, monkeypatch):
-    def rename(settings):  # no change to the settings: only the experiment's name differs (below)
-        return None
-
-    config = _narrow_and_wide_config(tmp_path, wide_change=rename)
+    config = _narrow_and_wide_config(tmp_path)  # the same settings; only the experiments' names differ (below)
     data = json.loads(config.read_text())
     for exp in data["profiles"]["wide"]["experiments"]:
         exp["name"] = "renamed_" + exp["name"]
