@@ -16,7 +16,12 @@ from benchmarks.quality.plan import GRID_PHASE
 from benchmarks.quality.stats import Record, bootstrap_ci, keep_ratios, mean_std, paired_differences, ratio_label
 
 # mask variants against FISH and LoRA too (rows appear only where both methods ran)
-VARIANT_COMPARISONS = (("fish_column_capped", "fish"), ("fish_column_capped", "lora"))
+VARIANT_COMPARISONS = (
+    ("fish_column_capped", "fish"),
+    ("fish_column_capped", "lora"),
+    ("ird_random", "fish"),  # IRD with the sample range halved at random (a control that beat FISH on movie)
+    ("ird_random", "lora"),
+)
 COMPARISONS = (("fish", "lora"), ("ird", "fish"), *VARIANT_COMPARISONS)
 ACCEPTANCE_BUDGETS = (0.002, 0.005)
 # (method, baseline, the mean must be at least, the interval's lower end must be above), in accuracy units
