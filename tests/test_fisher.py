@@ -217,18 +217,36 @@ class _SeqMLP(nn.Module):
         return self.down(torch.tanh(self.up(x))).mean(1)
 
 
+class _SeqMLPWide(nn.Module):
+    """A large weight with few rows and many columns (24 x 12,000), beside a tall one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(24, 12_000)
+        self.down = nn.Linear(12_000, 24)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.head(self.down(torch.tanh(self.up(x)))).mean(1)
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "range"])
-def test_large_weight_path_equals_the_loop(masked):
+@pytest.mark.parametrize("make_model", [_SeqMLP, _SeqMLPWide], ids=["tall", "wide"])
+def test_large_weight_path_equals_the_loop(masked, make_model):
     from peft_fish_ird import fisher as fisher_module
 
-    model = _SeqMLP()
+    model = make_model()
     assert model.up.weight.numel() >= fisher_module.PER_SAMPLE_GEMM_MIN_ELEMENTS
+    assert model.down.weight.numel() >= fisher_module.PER_SAMPLE_GEMM_MIN_ELEMENTS or make_model is _SeqMLP
     g = torch.Generator().manual_seed(3)
     batches = [
         {"x": torch.randn(5, 4, 24, generator=g), "labels": torch.randint(0, 3, (5,), generator=g)} for _ in range(2)
     ]
-    targets = {"up": model.up, "down": model.down}
+    targets = {n: m for n, m in model.named_children()}
     masks = {"up.weight": torch.rand(model.up.weight.shape, generator=g) < 0.4} if masked else None
+    if masked and make_model is _SeqMLPWide:
+        masks["down.weight"] = torch.rand(model.down.weight.shape, generator=g) < 0.4
     fast = compute_fisher(model, batches, targets, sample_score_masks=masks, progress=False)
     slow = fisher_loop(model, batches, targets, sample_score_masks=masks)
     assert _max_relative_error(fast.scores, slow.scores) < 1e-5
