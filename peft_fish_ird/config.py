@@ -7,18 +7,17 @@ that registration, config and tuner all read it from one module without importin
 from __future__ import annotations
 
 import enum
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args
 
-from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 
-from ._version import __version__
+from ._version import __version__, warn_if_newer
 from .evaluation import ScorerSettings
 from .head_probe import AUTO as HEAD_PROBE_AUTO
 from .head_probe import AUTO_STEPS as HEAD_PROBE_AUTO_STEPS
 from .head_probe import HeadProbeSettings
+from .head_probe import settings_for as head_probe_settings_for
 from .ird import IRD_SEARCHES, IRDSearch, IRDSettings
 from .layer_types import describe_supported
 from .selection import BUDGETS, Budget
@@ -299,7 +298,7 @@ class FishIRDConfig(PeftConfig):
         """Load a saved config; warns when a newer peft_fish_ird wrote it. Marks it as read from disk,
         so loading can tell a config from the same folder as the weights from a live one."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        _warn_if_newer(config.fishird_version)
+        warn_if_newer(config.fishird_version)
         config._fishird_loaded = True
         return config
 
@@ -327,13 +326,8 @@ class FishIRDConfig(PeftConfig):
         )
 
     def head_probe_settings(self, steps: Optional[int] = None) -> HeadProbeSettings:
-        """How ``prepare`` probes the head before the Fisher pass (``steps == 0``: it does not).
-
-        ``steps``: the resolved step count (``head_probe.resolve_steps``); default ``head_probe_steps``,
-        with ``"auto"`` read as its step count (for checking the other values)."""
-        if steps is None:
-            steps = HEAD_PROBE_AUTO_STEPS if self.head_probe_steps == HEAD_PROBE_AUTO else self.head_probe_steps
-        return HeadProbeSettings(steps, self.head_probe_lr, self.head_probe_batch_size, self.seed)
+        """How ``prepare`` probes the head (``steps``: the resolved count; see ``head_probe.settings_for``)."""
+        return head_probe_settings_for(self, steps)
 
     def _validate(self) -> None:
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
@@ -367,12 +361,7 @@ class FishIRDConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: pass a positive int, e.g. 16.")
-        if isinstance(self.head_probe_steps, str) and self.head_probe_steps != HEAD_PROBE_AUTO:
-            raise ValueError(
-                f"head_probe_steps={self.head_probe_steps!r} is invalid: pass 'auto' (the default), a number of "
-                "steps such as 48, or 0 for no probing."
-            )
-        self.head_probe_settings()  # checks the head_probe_* values
+        self.head_probe_settings()  # checks the head_probe_* values ("auto" or a step count among them)
         if self.ird_rounds is not None and (
             isinstance(self.ird_rounds, bool) or not isinstance(self.ird_rounds, int) or self.ird_rounds < 1
         ):
@@ -397,18 +386,3 @@ class FishIRDConfig(PeftConfig):
 def _check_fraction(name: str, value: object, example: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"{name}={value!r} is out of range: it must be strictly between 0 and 1, {example}.")
-
-
-def _warn_if_newer(saved: Optional[str]) -> None:
-    try:
-        newer = saved is not None and Version(saved) > Version(__version__)
-    except InvalidVersion:
-        newer = False  # a hand-edited or foreign version string: nothing to compare
-    if newer:
-        warnings.warn(
-            f"This adapter was saved by peft_fish_ird {saved}, newer than the installed {__version__}: settings it "
-            "added are ignored and loading may fail. Install the newer version from its source (`pip install "
-            "git+<repository URL>` or `pip install -e <path to a checkout>`).",
-            UserWarning,
-            stacklevel=3,
-        )

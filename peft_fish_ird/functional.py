@@ -101,7 +101,8 @@ def summary_line(record: SelectionRecord) -> str:
     )
     probe = (record.settings or {}).get("head_probe") or {}
     if probe.get("steps"):
-        line += f"; head probed first ({probe['steps']} steps, loss {probe['first_loss']:.3f} -> {probe['last_loss']:.3f})"
+        losses = f"{probe['first_loss']:.3f} -> {probe['last_loss']:.3f}"
+        line += f"; head probed first ({probe['steps']} steps, loss {losses})"
     if len(record.trace) > 1:
         best = record.trace[record.best_round - 1]
         line += (

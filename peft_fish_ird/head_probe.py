@@ -59,6 +59,27 @@ def resolve_steps(
     return AUTO_STEPS, f"auto: {AUTO_STEPS} steps (a new SEQ_CLS head in modules_to_save)"
 
 
+def settings_for(config: Any, steps: Optional[int] = None) -> "HeadProbeSettings":
+    """A ``FishIRDConfig``'s probe settings; ``steps``: the resolved count (default: ``head_probe_steps``,
+    with ``"auto"`` read as :data:`AUTO_STEPS`, so the other values are checked either way). Refuses a
+    string other than ``"auto"``."""
+    if steps is None:
+        value = config.head_probe_steps
+        if isinstance(value, str) and value != AUTO:
+            raise ValueError(
+                f"head_probe_steps={value!r} is invalid: pass 'auto' (the default), a number of steps such as 48, "
+                "or 0 for no probing."
+            )
+        steps = AUTO_STEPS if value == AUTO else value
+    return HeadProbeSettings(steps, config.head_probe_lr, config.head_probe_batch_size, config.seed)
+
+
+def steps_for(config: Any, has_head: bool, data: Any) -> tuple[int, str]:
+    """:func:`resolve_steps` for a ``FishIRDConfig`` and ``prepare``'s training data."""
+    count = example_count(data)
+    return resolve_steps(config.head_probe_steps, config.task_type, has_head, count, config.head_probe_batch_size)
+
+
 def example_count(data: Any) -> Optional[int]:
     """Training examples in ``data`` for ``resolve_steps``; None for a DataLoader (its batches are its own)."""
     if isinstance(data, DataLoader) or not is_indexable(data):

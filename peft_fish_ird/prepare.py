@@ -26,7 +26,7 @@ from .data import check_sequence_length, collate_indices, fisher_batches, move_t
 from .evaluation import MaskedFineTuneScorer, isolated_candidate
 from .fisher import compute_fisher
 from .head_probe import AUTO as HEAD_PROBE_AUTO
-from .head_probe import example_count, probe_heads, resolve_steps
+from .head_probe import probe_heads, steps_for
 from .ird import IRDRound, iterative_range_decreasing, planned_passes, schedule
 from .layer import FishIRDLayer
 from .record import SelectionRecord, mask_fingerprint
@@ -144,44 +144,27 @@ class PrepareJob:
                 "FishIRD initialised torch.distributed (%d processes) for the Fisher pass.", distributed.world_size()
             )
         distributed.sync_module_states(self.model)
-        heads = self.head_copies()
-        steps, why = resolve_steps(
-            self.config.head_probe_steps,
-            self.config.task_type,
-            has_head=bool(heads),
-            num_examples=example_count(self.data),
-            batch_size=self.config.head_probe_batch_size,
-        )
-        self.head_probe_choice = why
+        heads = [w.modules_to_save[self.adapter] for w in self.head_wrappers if self.adapter in w.modules_to_save]
+        steps, self.head_probe_choice = steps_for(self.config, bool(heads), self.data)
         if steps:
             self.head_probe = self.probe_head(heads, steps)
         elif self.config.head_probe_steps == HEAD_PROBE_AUTO:
-            logger.info("FishIRD head probe %s.", why.replace("auto: ", "(auto) "))
+            logger.info("FishIRD head probe %s.", self.head_probe_choice.replace("auto: ", "(auto) "))
         total, head = self.tuner.count_parameters()
         k = sparse_budget(total, head, self.config.keep_ratio, self.config.head_in_budget)
         selected = SELECTIONS[self.config.selection](self, k)
         record = self.record(selected, total, head, k, time.perf_counter() - start)
         return Outcome(selected.masks, record)
 
-    def head_copies(self) -> list[nn.Module]:
-        """The adapter's trainable head copies (``modules_to_save``), the modules head probing trains."""
-        return [w.modules_to_save[self.adapter] for w in self.head_wrappers if self.adapter in w.modules_to_save]
-
     def probe_head(self, heads: list[nn.Module], steps: int) -> dict[str, Any]:
-        """Train the adapter's head copies alone (the sparse layers off: the body is the pretrained
-        model) for ``steps`` steps on the training data, before any Fisher pass."""
+        """Train the adapter's head copies (``modules_to_save``) alone (the sparse layers off: the body is
+        the pretrained model) for ``steps`` steps on the training data, before any Fisher pass."""
         settings = self.config.head_probe_settings(steps)
         with adapters_disabled(self.layers.values()):
             done = probe_heads(self.model, heads, self.data, self.collator, settings, progress=self.progress)
         done["chosen"] = self.head_probe_choice
-        logger.info(
-            "FishIRD head probe: %d steps at lr %g, loss %.4f -> %.4f (%.1f s).",
-            done["steps"],
-            done["lr"],
-            done["first_loss"],
-            done["last_loss"],
-            done["seconds"],
-        )
+        done_text = "%(steps)d steps at lr %(lr)g, loss %(first_loss).4f -> %(last_loss).4f (%(seconds).1f s)"
+        logger.info("FishIRD head probe: " + done_text + ".", done)
         return done
 
     def input_axes(self) -> dict[str, Optional[int]]:

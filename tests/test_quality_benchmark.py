@@ -424,7 +424,7 @@ def test_a_wider_grid_copies_the_earlier_profiles_runs_at_kept_rates_and_runs_on
     assert all(r["lr_choice"]["grid"][-1] == [0.01, 0.75] and r["lr_choice"]["chosen"] == 0.001 for r in main_records)
     from benchmarks.quality.report import copy_line
 
-    assert copy_line(wide.records).startswith("6 of these 7 records are runs of profile narrow at the same learning rate")
+    assert copy_line(wide.records).startswith("6 of these 7 records are runs of profile narrow at the same learning")
     assert copy_line(narrow.records) == ""
 
 

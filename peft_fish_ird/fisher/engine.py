@@ -101,7 +101,7 @@ def compute_fisher(
         progress: show a tqdm bar (rank 0 only).
         sample_scores: also form the per-sample scores ``s_n`` (IRD ranks samples by them). False
             skips their pass over every per-sample gradient (plain FISH needs only ``F_j``; 7% of
-            the engine's time on MiniLM) and returns an empty ``sample_scores``. A non-finite
+            the engine's time on MiniLM in one A/B) and returns an empty ``sample_scores``. A non-finite
             gradient is then caught in the totals, and the pass is run again with per-sample
             scores to name the sample.
 
@@ -113,19 +113,14 @@ def compute_fisher(
     Raises:
         NonFiniteFisherError: a sample's loss or gradient is NaN/inf (its index is named).
     """
-    if fisher not in get_args(FisherType):
-        raise ValueError(f"fisher={fisher!r}: choose one of {get_args(FisherType)}.")
-    if sample_score_masks and not sample_scores:
-        raise ValueError("sample_score_masks restrict the per-sample scores: pass sample_scores=True with them.")
+    _check_arguments(fisher, sample_score_masks, sample_scores)
     again = dict(fisher=fisher, sample_score_masks=sample_score_masks, loss_fn=loss_fn, progress=progress, desc=desc)
     check_targets(targets)
     check_every_use_targeted(model, targets)
     loss_fn = loss_fn or per_sample_losses
     batches = list(batches)
     sizes = [batch_size_of(b) for b in batches]
-    mine = [i for i in range(len(batches)) if i % distributed.world_size() == distributed.rank()]
-    if distributed.needs_lockstep(model):  # FSDP2: every rank runs as many passes; -1 = one thrown away
-        mine += [-1] * (-(-len(batches) // distributed.world_size()) - len(mine))
+    mine = _batches_of_this_rank(model, len(batches))
     hooks = FisherHooks(targets, sample_score_masks or {}, per_sample=sample_scores)
     per_sample = torch.zeros(sum(sizes) if sample_scores else 0, dtype=torch.float32, device=_device_of(model))
     start = time.perf_counter()
@@ -138,12 +133,34 @@ def compute_fisher(
         # a gradient went non-finite with a finite loss: the pass with per-sample scores names the sample
         # (every rank sees the same reduced totals, so all of them run it again, in lockstep)
         return compute_fisher(model, batches, targets, **again, sample_scores=True)
+    _raise_if_bad(first_bad)
+    return FisherResult(_shaped(hooks.totals, targets), per_sample.cpu(), sum(sizes), time.perf_counter() - start)
+
+
+def _check_arguments(
+    fisher: str, sample_score_masks: Optional[Mapping[str, torch.Tensor]], sample_scores: bool
+) -> None:
+    if fisher not in get_args(FisherType):
+        raise ValueError(f"fisher={fisher!r}: choose one of {get_args(FisherType)}.")
+    if sample_score_masks and not sample_scores:
+        raise ValueError("sample_score_masks restrict the per-sample scores: pass sample_scores=True with them.")
+
+
+def _batches_of_this_rank(model: nn.Module, num_batches: int) -> list[int]:
+    """Rank r's batches r, r + world, ...; under FSDP2 padded with -1 (a thrown-away pass) so every
+    rank runs as many passes and joins the same weight gathers."""
+    mine = [i for i in range(num_batches) if i % distributed.world_size() == distributed.rank()]
+    if distributed.needs_lockstep(model):
+        mine += [-1] * (-(-num_batches // distributed.world_size()) - len(mine))
+    return mine
+
+
+def _raise_if_bad(first_bad: torch.Tensor) -> None:
     if int(first_bad[0]) != _NO_BAD_SAMPLE:
         raise NonFiniteFisherError(
             f"Fisher sample {int(first_bad[0])} (0-based, in the order drawn) produced a non-finite loss or "
             "gradient. Check that sample's inputs/labels, or run the model in float32."
         )
-    return FisherResult(_shaped(hooks.totals, targets), per_sample.cpu(), sum(sizes), time.perf_counter() - start)
 
 
 def _shaped(totals: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
