@@ -85,8 +85,7 @@ def copy_note(earlier: EarlierRuns, cell: Cell, exp: Experiment) -> str:
     if cell.phase == GRID_PHASE:
         found = earlier.copy_for(cell, exp, float(cell.learning_rate), None) is not None
         return f" (copied from {earlier.profile.name})" if found else ""
-    earlier_cell = earlier.earlier_cell(cell, exp)
-    record = earlier.by_key.get(earlier_cell.key) if earlier_cell is not None else None
+    record = earlier.earlier_record(cell, exp)
     if record is None:
         return ""
     return f" (copied from {earlier.profile.name} if the grid keeps lr {record['learning_rate']:g})"

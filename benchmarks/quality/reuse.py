@@ -11,8 +11,8 @@ the earlier profile at the same rate *is* the new profile's run:
 
 The match is by the earlier profile's fingerprint recomputed from the new experiment's own settings
 with only ``train.lr`` replaced, so a record is copied only if every other setting is identical.
-Each copy keeps a ``copied_from`` note (file, key, commit time), gets the new fingerprint, settings and
-``lr_choice``, and is appended like a run, so resuming works as before.
+Each copy keeps a ``copied_from`` note (profile, file, key, when it ran), gets the new fingerprint,
+settings and ``lr_choice``, and is appended like a run, so resuming works as before.
 """
 
 from __future__ import annotations
@@ -38,22 +38,19 @@ class EarlierRuns:
         grids = [e.settings["train"]["lr"] for e in earlier.experiments]
         self.grids = [g for i, g in enumerate(grids) if g not in grids[:i]]
 
-    def earlier_cell(self, cell: Cell, exp: Experiment) -> Optional[Cell]:
-        """The same cell under the earlier profile's grids that has a run there (None: none has)."""
+    def earlier_record(self, cell: Cell, exp: Experiment) -> Optional[dict[str, Any]]:
+        """The earlier profile's run of the same cell under one of its grids (None: it has none)."""
         for lr in self.grids:
             settings = copy.deepcopy(exp.settings)
             settings["train"]["lr"] = copy.deepcopy(lr)
             earlier = dataclasses.replace(cell, settings_id=dataclasses.replace(exp, settings=settings).settings_id)
             if earlier.key in self.by_key:
-                return earlier
+                return self.by_key[earlier.key]
         return None
 
     def copy_for(self, cell: Cell, exp: Experiment, rate: float, choice: Optional[dict[str, Any]]) -> Optional[dict]:
         """The earlier run of ``cell`` at ``rate``, relabelled as this profile's record; None when there is none."""
-        earlier = self.earlier_cell(cell, exp)
-        if earlier is None:
-            return None
-        record = self.by_key.get(earlier.key)
+        record = self.earlier_record(cell, exp)
         if record is None or float(record["learning_rate"]) != float(rate):
             return None
         out = copy.deepcopy(record)
