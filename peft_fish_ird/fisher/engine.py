@@ -100,10 +100,10 @@ def compute_fisher(
         loss_fn: ``loss_fn(logits, labels) -> (B,)`` per-sample losses (empirical only).
         progress: show a tqdm bar (rank 0 only).
         sample_scores: also form the per-sample scores ``s_n`` (IRD ranks samples by them). False
-            skips their pass over every per-sample gradient (plain FISH needs only ``F_j``; 7% of
-            the engine's time on MiniLM in one A/B) and returns an empty ``sample_scores``. A non-finite
-            gradient is then caught in the totals, and the pass is run again with per-sample
-            scores to name the sample.
+            skips their pass over every per-sample gradient (plain FISH needs only ``F_j``; about 1%
+            of the engine's time on MiniLM, ``benchmarks/results/speed.md``) and returns an empty
+            ``sample_scores``. A non-finite gradient is then caught in the totals, and the pass is
+            run again with per-sample scores to name the sample.
 
     Under ``torch.distributed`` (more than one rank) every rank must pass the same batches; rank r
     back-propagates batches r, r + world, ... and the sums are all-reduced, so all ranks return

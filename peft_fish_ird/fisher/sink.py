@@ -45,7 +45,7 @@ class Sink:
         avoids that pass but costs ``B T^2 (rows + cols)`` multiply-adds, more than the blocks' own
         ``B rows cols`` squares for any T above ~16 (at 64 tokens it was most of the engine's
         overhead over a plain pass). Without per-sample scores (``engine.per_sample`` False: plain
-        FISH needs none) that pass is skipped: 7% of the engine's time on MiniLM at 64 tokens (one A/B).
+        FISH needs none) that pass is skipped (about 1% of the engine's time on MiniLM at 64 tokens).
         """
         key = f"{self.module_name}.{param_name}"
         if key in self.engine.tied:
