@@ -21,6 +21,9 @@ VARIANT_COMPARISONS = (
     ("fish_column_capped", "lora"),
     ("ird_random", "fish"),  # IRD with the sample range halved at random (a control that beat FISH on movie)
     ("ird_random", "lora"),
+    # FISH inside the transformer blocks only (per_module; no embeddings, no pooler: LoRA's ground)
+    ("fish_blocks_per_module", "fish"),
+    ("fish_blocks_per_module", "lora"),
 )
 COMPARISONS = (("fish", "lora"), ("ird", "fish"), *VARIANT_COMPARISONS)
 ACCEPTANCE_BUDGETS = (0.002, 0.005)
