@@ -11,6 +11,29 @@ MATRIX_CHUNK_ELEMENTS = 786_432  # ~3 MB of float32 per block: stays in cache on
 PER_SAMPLE_GEMM_MIN_ELEMENTS = 262_144  # from this weight size on, per-sample GEMM + addcmul is faster
 
 
+def live_spans(a: torch.Tensor, b: torch.Tensor) -> list[tuple[int, int]]:
+    """Per sample, the range ``[start, stop)`` of positions outside which ``a`` or ``b`` is exactly zero.
+
+    A position whose row of ``a`` or ``b`` is all zeros adds exactly zero to ``a[n]^T b[n]``: the
+    padded positions of a right- or left-padded batch, whose output gradient is zero (masked
+    attention, labels -100). Cutting them from the per-sample GEMM leaves the gradient unchanged but
+    skips their multiply-adds, which the plain pass's one batched weight-gradient GEMM cannot skip.
+    Only the outer zero rows are cut (a view, no copy); an inner zero row stays in the product.
+    """
+    live = _nonzero_rows(a) & _nonzero_rows(b)  # (B, T)
+    positions = torch.arange(1, live.shape[1] + 1, device=live.device)
+    stop = (live * positions).amax(1)
+    start = torch.where(live, positions - 1, live.shape[1]).amin(1)
+    return list(zip(start.tolist(), stop.tolist()))
+
+
+def _nonzero_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t.ne(0).any(-1)`` (a NaN row counts as nonzero), from two vectorised reductions: 15x faster on CPU."""
+    if t.shape[-1] == 0:
+        return torch.zeros(t.shape[:-1], dtype=torch.bool, device=t.device)
+    return (t.amax(-1) != 0) | (t.amin(-1) != 0)
+
+
 class Sink:
     """Receives one layer's per-sample gradients and adds their squares to the running sums.
 
@@ -38,7 +61,8 @@ class Sink:
     def matrix(self, param_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Per-sample gradient ``a[n]^T b[n]`` (rows x cols) for ``a`` (B, T, rows), ``b`` (B, T, cols).
 
-        Large weights: one GEMM per sample, squared and accumulated by a fused ``addcmul_``. Small
+        Large weights: one GEMM per sample over its live positions (``live_spans``: padding cut), squared
+        and accumulated by a fused ``addcmul_``. Small
         ones: blocks of rows for all samples (``MATRIX_CHUNK_ELEMENTS``), squared and summed while
         in cache. Never the whole ``B x rows x cols`` tensor. Per-sample scores are read off the
         same blocks while they are in cache; the Gram identity ``||a^T b||^2 = sum((a a^T) * (b b^T))``
@@ -58,10 +82,13 @@ class Sink:
         a_t = a.transpose(1, 2)
         per_sample = torch.zeros(batch, dtype=torch.float32, device=a.device)
         want = self.engine.per_sample
+        spans = live_spans(a, b)
         if rows * cols >= PER_SAMPLE_GEMM_MIN_ELEMENTS:
-            # large weights: one GEMM per sample, squared and added in one fused pass
-            for n in range(batch):
-                block = a_t[n] @ b[n]
+            # large weights: one GEMM per sample over its live positions, squared and added in one fused pass
+            for n, (start, stop) in enumerate(spans):
+                if stop <= start:
+                    continue  # no live position: a zero gradient adds nothing (its score stays 0)
+                block = a_t[n, :, start:stop] @ b[n, start:stop]
                 scores.addcmul_(block, block)
                 if not want:
                     continue
@@ -71,8 +98,12 @@ class Sink:
                 else:
                     per_sample[n] = torch.dot(flat.square_(), mask.reshape(-1))
         else:
+            # small weights: all samples at once over the batch's live positions (e.g. only the first token
+            # in a classifier's last layer), in row blocks
+            low, high = min(s for s, _ in spans), max(s for _, s in spans)
+            a_t, b = a_t[..., low:high], b[:, low:high]
             step = max(1, MATRIX_CHUNK_ELEMENTS // (batch * cols))
-            for start in range(0, rows, step):
+            for start in range(0, rows if high > low else 0, step):
                 block = torch.bmm(a_t[:, start : start + step], b)
                 block.square_()
                 scores[start : start + step].add_(block.sum(0))
