@@ -13,6 +13,8 @@ fastest (an autotune, cached by shape, entry counts, token count and device: sim
 timed once). ``FISHIRD_AUTOTUNE=0`` falls back to ``choose_strategy``, a cost model fitted on one
 CPU: deterministic, but it picked the fastest way for only 27 of 37 layers on another machine.
 The strategies agree up to float rounding, so with the autotune two runs may differ by rounding.
+Positions whose output gradient is zero for the whole batch on the CPU (a CLS classifier's last
+layer, the prompt under a completion-only loss; ``zero_positions.py``) are cut from both products.
 The custom function saves x; the input gradient's effective weight is rebuilt in backward from the
 frozen base (one transient weight at a time, ~3% of a MiniLM step at 1024 tokens, less at more
 tokens), or kept from forward when ``FishIRDConfig.keep_effective_weight`` asks for speed over memory.
@@ -36,6 +38,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .zero_positions import batch_live_span
 
 # Cost model of the values' gradient, in units of one dense-GEMM output (fitted to the real
 # MiniLM masks on this CPU; `python -m benchmarks.speed` reports how often it picks the fastest).
@@ -236,20 +240,38 @@ class _SparseDeltaMatmul(torch.autograd.Function):
         x, weight, w_values, b_idx = ctx.saved_tensors
         pattern, conv1d = ctx.pattern, ctx.conv1d
         grad_x = grad_w = grad_b = None
+        # positions where grad_out is zero for the whole batch add nothing and get a zero input gradient
+        span = batch_live_span(grad_out)
+        if span is not None and span[0] == span[1]:  # no live position: every gradient is zero
+            return _zero_grads(ctx, x, w_values, b_idx)
+        g_live, x_live = (grad_out, x) if span is None else (grad_out[:, span[0] : span[1]], x[:, span[0] : span[1]])
         # 2-D from here on: grad_out often arrives non-contiguous (attention's head permutes), and a
         # 3-D non-contiguous matmul takes a batched path with the weight expanded per sample
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        g2 = g_live.reshape(-1, g_live.shape[-1])
+        x2 = x_live.reshape(-1, x_live.shape[-1])
         if ctx.needs_input_grad[0]:
             w_eff = weight if ctx.kept else _effective(weight, pattern.flat, w_values)
             w_eff = w_eff.to(grad_out.dtype)  # autocast: grads may be bf16
-            grad_x = (g2 @ (w_eff.t() if conv1d else w_eff)).view(*x.shape[:-1], -1).to(x.dtype)
+            grad_live = (g2 @ (w_eff.t() if conv1d else w_eff)).view(*x_live.shape[:-1], -1).to(x.dtype)
+            if span is None:
+                grad_x = grad_live
+            else:
+                grad_x = x.new_zeros(x.shape)
+                grad_x[:, span[0] : span[1]] = grad_live
         if ctx.needs_input_grad[4]:
             a, b = (x2, g2) if conv1d else (g2, x2)
             grad_w = pattern.sampled(a.float(), b.float()).to(w_values.dtype)
         if b_idx is not None and ctx.needs_input_grad[6]:
             grad_b = g2.float().sum(0)[b_idx].to(w_values.dtype)
         return grad_x, None, None, None, grad_w, None, grad_b, None, None
+
+
+def _zero_grads(ctx, x: torch.Tensor, w_values: torch.Tensor, b_idx: Optional[torch.Tensor]) -> tuple:
+    """``_SparseDeltaMatmul.backward``'s result for an output gradient that is zero everywhere."""
+    grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+    grad_w = torch.zeros_like(w_values) if ctx.needs_input_grad[4] else None
+    grad_b = w_values.new_zeros(b_idx.shape) if b_idx is not None and ctx.needs_input_grad[6] else None
+    return grad_x, None, None, None, grad_w, None, grad_b, None, None
 
 
 def _synchronize(device: torch.device) -> None:

@@ -8,8 +8,8 @@ from test_fisher import _max_relative_error, _SeqMLP, _SeqMLPWide, _targets
 
 from peft_fish_ird.fisher import compute_fisher
 from peft_fish_ird.fisher import sink as sink_module
-from peft_fish_ird.fisher.sink import live_spans
 from peft_fish_ird.reference import fisher_loop
+from peft_fish_ird.zero_positions import live_spans
 
 
 def test_live_spans_cut_only_outer_all_zero_positions():
