@@ -41,10 +41,10 @@ class Sink:
         """Per-sample gradient ``a[n]^T b[n]`` (rows x cols) for ``a`` (B, T, rows), ``b`` (B, T, cols).
 
         Large weights: one GEMM per sample over its live positions (``live_spans``: padding cut), squared
-        and accumulated by a fused ``addcmul_``. Small
-        ones: blocks of rows for all samples (``MATRIX_CHUNK_ELEMENTS``), squared and summed while
-        in cache. Never the whole ``B x rows x cols`` tensor. Per-sample scores are read off the
-        same blocks while they are in cache; the Gram identity ``||a^T b||^2 = sum((a a^T) * (b b^T))``
+        and accumulated by a fused ``addcmul_``. Small ones: blocks of rows for all samples
+        (``MATRIX_CHUNK_ELEMENTS``) over the batch's live positions, squared and summed while in cache.
+        Never the whole ``B x rows x cols`` tensor. Per-sample scores are read off the same blocks
+        while they are in cache; the Gram identity ``||a^T b||^2 = sum((a a^T) * (b b^T))``
         avoids that pass but costs ``B T^2 (rows + cols)`` multiply-adds, more than the blocks' own
         ``B rows cols`` squares for any T above ~16 (at 64 tokens it was most of the engine's
         overhead over a plain pass). Without per-sample scores (``engine.per_sample`` False: plain
@@ -79,7 +79,7 @@ class Sink:
         else:
             # small weights: all samples at once over the batch's live positions (e.g. only the first token
             # in a classifier's last layer), in row blocks
-            low, high = min(s for s, _ in spans), max(s for _, s in spans)
+            low, high = min(start for start, _ in spans), max(stop for _, stop in spans)
             a_t, b = a_t[..., low:high], b[:, low:high]
             step = max(1, MATRIX_CHUNK_ELEMENTS // (batch * cols))
             for start in range(0, rows if high > low else 0, step):
