@@ -34,6 +34,12 @@ MASK_VARIANTS: dict[str, dict[str, str]] = {
     # per_module, no input feature of a matrix above its even share (FISH's entries pile onto a few features)
     "fish_column_capped": {"selection": "fish", "budget": "column_capped"},
     "ird_column_capped": {"selection": "ird", "budget": "column_capped"},
+    # IRD with a random sample range (the best IRD on all parameters) inside the transformer blocks only
+    "ird_random_blocks_per_module": {
+        "selection": "ird_random",
+        "exclude_modules": OUTSIDE_BLOCKS,
+        "budget": "per_module",
+    },
 }
 # benchmark method -> the FishIRDConfig settings that make it
 METHOD_CONFIG: dict[str, dict[str, str]] = {

@@ -24,6 +24,8 @@ VARIANT_COMPARISONS = (
     # FISH inside the transformer blocks only (per_module; no embeddings, no pooler: LoRA's ground)
     ("fish_blocks_per_module", "fish"),
     ("fish_blocks_per_module", "lora"),
+    ("ird_random_blocks_per_module", "fish_blocks_per_module"),
+    ("ird_random_blocks_per_module", "lora"),
 )
 COMPARISONS = (("fish", "lora"), ("ird", "fish"), *VARIANT_COMPARISONS)
 ACCEPTANCE_BUDGETS = (0.002, 0.005)
