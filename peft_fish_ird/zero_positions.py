@@ -6,7 +6,10 @@ batch (masked attention, labels -100), every position but the first in the last 
 classifier that pools its first token, the prompt in the last layer under a completion-only loss.
 The plain weight-gradient GEMM of autograd cannot skip them; the Fisher engine's per-sample GEMMs
 (``fisher/sink.py``) and the sparse layers' backward (``sparse_ops.py``) do. Only the outer
-positions are cut (a slice, no gather): an inner zero position stays in the product.
+positions are cut (a slice, no gather): an inner zero position stays in the product. The Fisher
+engine reads each layer's spans on the host (``live_spans``), which on a GPU is one synchronisation
+per layer and batch of the one-off Fisher pass (not measured on a GPU); training's cut
+(``batch_live_span``) runs on the CPU only, so training never synchronises for it.
 
 The tests: an all-zero row is found by ``amax`` and ``amin`` (one NaN makes the row live), and the
 cut products equal the uncut ones (``tests/test_fisher_live_spans.py``, ``tests/test_zero_positions.py``).
