@@ -50,7 +50,9 @@ def test_only_report_rebuilds_markdown_and_plot_from_the_json(tmp_path):
     md = (tmp_path / "speed.md").read_text()
     result = json.loads(COMMITTED.read_text())
     q = result["training"]["step_ratio_to_lora_paired_quartiles"]["fishird"]
-    assert f"{result['training']['step_ratio_to_lora']['fishird']:.2f} [{q[0]:.2f}–{q[2]:.2f}]" in md
+    ratio = result["training"]["step_ratio_to_lora"]["fishird"]
+    count = result["training"]["trainable"]["fishird"]
+    assert f"| fishird | {count:,} | {ratio:.2f} | {q[1]:.2f} [{q[0]:.2f}–{q[2]:.2f}] |" in md
     assert "Values gradient: strategy per layer" in md
     assert (tmp_path / "speed.png").stat().st_size > 10_000
 

@@ -14,8 +14,9 @@ What is measured (all-MiniLM-L6-v2, 64 tokens; methods interleaved, medians of -
 * Training step (batch 16, AdamW): FishIRD (fast path; fast path with keep_effective_weight=True,
   which keeps each layer's W0 + delta from forward for backward; the slow reference path) with
   keep_ratio matched to LoRA r=8 on query/key/value/dense, vs LoRA, full fine-tuning, the FISH
-  reference's dense masked gradients and PEFT's SHiRA. Peak RSS (or CUDA peak memory) per method
-  in a fresh process; optimizer state bytes.
+  reference's dense masked gradients and PEFT's SHiRA; each timing covers --steps-per-timing steps.
+  Peak RSS (or CUDA peak memory) of three steps per method, the median of --memory-repeats fresh
+  processes, counted from the RSS left after glibc's ``malloc_trim``; optimizer state bytes.
 * Values-gradient strategies: per Linear layer of the prepared model, the time of each way to form
   the values' gradient vs the one the autotune picks (``MatrixPattern.tune``) and the one the cost
   model picks (``sparse_ops.choose_strategy``, the fallback).

@@ -24,6 +24,8 @@ def main() -> None:
     p.add_argument("--fisher-batch", type=int, default=32)
     p.add_argument("--repeats-fisher", type=int, default=5)
     p.add_argument("--repeats-train", type=int, default=15)
+    p.add_argument("--steps-per-timing", type=int, default=3, help="training steps per timed call")
+    p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per method for peak memory")
     p.add_argument("--repeats-strategy", type=int, default=7)
     p.add_argument(
         "--prepare-samples",

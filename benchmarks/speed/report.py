@@ -61,16 +61,19 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"## Training step (batch {t['batch']}, {t['tokens']} tokens, AdamW; FishIRD keep_ratio "
         f"{t['keep_ratio']:.5f} = LoRA r=8 count {t['lora_trainable']:,})",
         "",
-        "Step × LoRA: ratio of median step times; in brackets the quartiles of the per-repeat ratios "
-        f"(each of the {len(t['step_seconds_all']['lora'])} repeats times every method once, in turn).",
+        "Step × LoRA: ratio of median step times, then the median and in brackets the quartiles of the "
+        f"per-repeat ratios (each of the {len(t['step_seconds_all']['lora'])} repeats times every method once, "
+        f"in turn, over {t.get('steps_per_timing', 1)} steps in a row). {_memory_note(t)}",
         "",
-        "| method | trainable | step × LoRA | peak memory × LoRA | peak memory MB | optimizer state MB |",
-        "|---|---|---|---|---|---|",
+        "| method | trainable | step × LoRA | per-repeat median [quartiles] | peak memory × LoRA | peak memory MB "
+        "| optimizer state MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in _train_methods(t):
         q = t["step_ratio_to_lora_paired_quartiles"][m]
         lines.append(
-            f"| {m} | {t['trainable'][m]:,} | {t['step_ratio_to_lora'][m]:.2f} [{q[0]:.2f}–{q[2]:.2f}] | "
+            f"| {m} | {t['trainable'][m]:,} | {t['step_ratio_to_lora'][m]:.2f} | "
+            f"{q[1]:.2f} [{q[0]:.2f}–{q[2]:.2f}] | "
             f"{t['peak_memory_ratio_to_lora'][m]:.2f} | {t['peak_memory_bytes'][m] / 2**20:.0f} | "
             f"{t['optimizer_state_bytes'][m] / 2**20:.2f} |"
         )
@@ -170,3 +173,15 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 def _train_methods(training: dict) -> list[str]:
     """The training methods a result holds, in TRAIN_METHODS order (older results lack newer methods)."""
     return [m for m in TRAIN_METHODS if m in training["trainable"]]
+
+
+def _memory_note(t: dict) -> str:
+    runs = t.get("peak_memory_bytes_all")
+    if runs is None:  # results written before the memory repeats
+        return "Peak memory: one fresh process per method."
+    n = len(next(iter(runs.values())))
+    return (
+        f"Peak memory: the median of {n} fresh processes per method, each the peak of three steps after "
+        "a first one, counted from the RSS left once the C heap's free memory is returned (glibc "
+        "`malloc_trim`, every method alike)."
+    )

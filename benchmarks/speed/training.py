@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import statistics
 import subprocess
@@ -74,13 +76,17 @@ def build_method(name: str, device: str, keep_ratio: float, examples: list[dict[
     return model, optimizer, hook, sum(p.numel() for p in params)
 
 
-def step_fn(model, optimizer, hook, batch):
+def step_fn(model, optimizer, hook, batch, steps: int = 1):
+    """``steps`` training steps on ``batch`` (a timing divides by ``steps``: single steps of a few
+    hundred ms vary by +-20% on a shared 2-core machine, several in a row average that out)."""
+
     def step():
-        model(**batch).loss.backward()
-        if hook is not None:
-            hook()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            if hook is not None:
+                hook()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step
 
@@ -104,11 +110,12 @@ def bench_training(args) -> tuple[dict[str, Any], torch.nn.Module]:
     examples = as_examples(make_batches(64, 16, args.tokens, "cpu", seed=1))
     batch = make_batches(16, 16, args.tokens, device, seed=2)[0]
     built = {m: build_method(m, device, keep_ratio, examples) for m in TRAIN_METHODS}
-    fns = {m: step_fn(model, opt, hook, batch) for m, (model, opt, hook, _) in built.items()}
-    times = interleaved(fns, args.repeats_train, device)
+    fns = {m: step_fn(model, opt, hook, batch, args.steps_per_timing) for m, (model, opt, hook, _) in built.items()}
+    times = {m: [t / args.steps_per_timing for t in v] for m, v in interleaved(fns, args.repeats_train, device).items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {
         "batch": 16,
+        "steps_per_timing": args.steps_per_timing,
         "tokens": args.tokens,
         "keep_ratio": keep_ratio,
         "lora_trainable": lora_count,
@@ -121,7 +128,13 @@ def bench_training(args) -> tuple[dict[str, Any], torch.nn.Module]:
     }
     fishird_model = built["fishird"][0]
     del built, fns
-    out["peak_memory_bytes"] = {m: peak_memory(m, args) for m in TRAIN_METHODS}
+    # fresh processes, methods in turn, the median of --memory-repeats per method
+    peaks = {m: [] for m in TRAIN_METHODS}
+    for _ in range(args.memory_repeats):
+        for m in TRAIN_METHODS:
+            peaks[m].append(peak_memory(m, args))
+    out["peak_memory_bytes_all"] = peaks
+    out["peak_memory_bytes"] = {m: int(statistics.median(v)) for m, v in peaks.items()}
     out["peak_memory_ratio_to_lora"] = {
         m: v / out["peak_memory_bytes"]["lora"] for m, v in out["peak_memory_bytes"].items()
     }
@@ -129,7 +142,8 @@ def bench_training(args) -> tuple[dict[str, Any], torch.nn.Module]:
 
 
 def peak_memory(method: str, args) -> int:
-    """Peak RSS (CPU) or CUDA peak allocation of a few training steps, in a fresh process."""
+    """Peak RSS (CPU) or CUDA peak allocation of three training steps after a first one, in a fresh
+    process (see ``memory_worker``)."""
     cmd = [sys.executable, "-m", "benchmarks.speed", "--memory-worker", method]
     cmd += ["--device", args.device, "--tokens", str(args.tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)
@@ -138,7 +152,19 @@ def peak_memory(method: str, args) -> int:
     return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
+def release_free_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc ``malloc_trim``), so that the RSS the
+    peak restarts from is memory in use, not what building the method (loading, ``prepare``'s Fisher
+    pass) or the first step freed but the allocator kept: the peak is then the steps' own, for every
+    method alike. A no-op where glibc is absent."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def memory_worker(method: str, args) -> None:
+    """Build ``method``, take one step, then report the peak memory of three more steps (JSON line)."""
     device = args.device
     keep_ratio, _ = matched_keep_ratio(device)
     examples = as_examples(make_batches(64, 16, args.tokens, "cpu", seed=1))
@@ -149,7 +175,8 @@ def memory_worker(method: str, args) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")
+        release_free_heap()
+        Path("/proc/self/clear_refs").write_text("5")  # the peak RSS restarts from the RSS now
     for _ in range(3):
         step()
     if device.startswith("cuda"):
