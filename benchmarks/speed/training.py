@@ -127,6 +127,7 @@ def bench_training(args) -> tuple[dict[str, Any], torch.nn.Module]:
         "step_seconds_all": times,
     }
     fishird_model = built["fishird"][0]
+    out["fishird_strategies_used"] = strategies_used(fishird_model)
     del built, fns
     # fresh processes, methods in turn, the median of --memory-repeats per method
     peaks = {m: [] for m in TRAIN_METHODS}
@@ -139,6 +140,19 @@ def bench_training(args) -> tuple[dict[str, Any], torch.nn.Module]:
         m: v / out["peak_memory_bytes"]["lora"] for m, v in out["peak_memory_bytes"].items()
     }
     return out, fishird_model
+
+
+def strategies_used(model: torch.nn.Module) -> dict[str, int]:
+    """How many Linear layers of ``model`` formed their values' gradient by each strategy in the
+    timed steps (the autotune's picks at the warm-up step), e.g. {"cols": 20, "sddmm": 12, ...}."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, FishIRDLayer):
+            for _, layout in m._layout_cache.values():
+                name = getattr(layout, "strategy", None)
+                if name is not None:
+                    counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def peak_memory(method: str, args) -> int:
