@@ -1,6 +1,6 @@
 """Speed and memory of FishIRD against its references, as ratios measured in one run.
 
-Run from the repository root. Command (CPU, ~10 minutes on 2 cores; writes benchmarks/results/speed.{json,md,png}):
+Run from the repository root. Command (CPU, ~25 minutes on 2 cores; writes benchmarks/results/speed.{json,md,png}):
     python -m benchmarks.speed
 On a GPU (absolute times meaningful there):
     python -m benchmarks.speed --device cuda --output benchmarks/results/speed_cuda
