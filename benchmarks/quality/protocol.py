@@ -26,6 +26,8 @@ VARIANT_COMPARISONS = (
     ("fish_blocks_per_module", "lora"),
     ("ird_random_blocks_per_module", "fish_blocks_per_module"),
     ("ird_random_blocks_per_module", "lora"),
+    ("random", "fish"),  # the random-mask control: what FISH's Fisher ranking is worth at a tuned rate
+    ("random", "lora"),
 )
 COMPARISONS = (("fish", "lora"), ("ird", "fish"), *VARIANT_COMPARISONS)
 ACCEPTANCE_BUDGETS = (0.002, 0.005)
