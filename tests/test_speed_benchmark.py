@@ -74,3 +74,15 @@ def test_paired_quartiles_pair_each_repeat_with_the_reference_and_allow_one_repe
     assert speed.paired_quartiles(times, "ref")["m"] == statistics.quantiles([2.0, 1.0, 0.5, 0.25], n=4)
     assert speed.paired_quartiles(times, "ref")["ref"] == [1.0, 1.0, 1.0]
     assert speed.paired_quartiles({"ref": [2.0], "m": [3.0]}, "ref")["m"] == [1.5, 1.5, 1.5]
+
+
+def test_a_count_flag_below_one_is_refused_before_anything_runs():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--memory-repeats", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 2
+    assert "--memory-repeats: '0' is not a whole number of at least 1" in done.stderr

@@ -14,6 +14,17 @@ from benchmarks.speed import __doc__ as DOC
 from benchmarks.speed.report import write_markdown, write_plot
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of steps or of processes)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.speed", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -24,8 +35,8 @@ def main() -> None:
     p.add_argument("--fisher-batch", type=int, default=32)
     p.add_argument("--repeats-fisher", type=int, default=5)
     p.add_argument("--repeats-train", type=int, default=15)
-    p.add_argument("--steps-per-timing", type=int, default=3, help="training steps per timed call")
-    p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per method for peak memory")
+    p.add_argument("--steps-per-timing", type=positive_int, default=3, help="training steps per timed call")
+    p.add_argument("--memory-repeats", type=positive_int, default=3, help="fresh processes per method for peak memory")
     p.add_argument("--repeats-strategy", type=int, default=7)
     p.add_argument(
         "--prepare-samples",
