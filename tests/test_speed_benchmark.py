@@ -28,6 +28,13 @@ def speed():
     return module
 
 
+def run_speed(*args: str) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.speed ARGS`` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+
+
 def test_interleaving_rotates_which_method_runs_first(speed):
     order = []
     fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
@@ -39,13 +46,7 @@ def test_interleaving_rotates_which_method_runs_first(speed):
 
 def test_only_report_rebuilds_markdown_and_plot_from_the_json(tmp_path):
     shutil.copy(COMMITTED, tmp_path / "speed.json")
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--only-report", "--output", str(tmp_path / "speed")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    done = run_speed("--only-report", "--output", str(tmp_path / "speed"))
     assert done.returncode == 0, done.stderr
     md = (tmp_path / "speed.md").read_text()
     result = json.loads(COMMITTED.read_text())
@@ -58,13 +59,7 @@ def test_only_report_rebuilds_markdown_and_plot_from_the_json(tmp_path):
 
 
 def test_only_report_without_results_names_the_missing_file(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--only-report", "--output", str(tmp_path / "none")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    done = run_speed("--only-report", "--output", str(tmp_path / "none"))
     assert done.returncode == 2
     assert "none.json does not exist" in done.stderr
 
@@ -77,12 +72,6 @@ def test_paired_quartiles_pair_each_repeat_with_the_reference_and_allow_one_repe
 
 
 def test_a_count_flag_below_one_is_refused_before_anything_runs():
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--memory-repeats", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    done = run_speed("--memory-repeats", "0")
     assert done.returncode == 2
     assert "--memory-repeats: '0' is not a whole number of at least 1" in done.stderr
