@@ -75,3 +75,6 @@ def test_a_count_flag_below_one_is_refused_before_anything_runs():
     done = run_speed("--memory-repeats", "0")
     assert done.returncode == 2
     assert "--memory-repeats: '0' is not a whole number of at least 1" in done.stderr
+    done = run_speed("--repeats-train", "-1")
+    assert done.returncode == 2
+    assert "--repeats-train: '-1' is not a whole number of at least 1" in done.stderr

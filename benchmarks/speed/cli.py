@@ -15,7 +15,7 @@ from benchmarks.speed.report import write_markdown, write_plot
 
 
 def positive_int(value: str) -> int:
-    """An argparse type: a whole number of at least 1 (a count of steps or of processes)."""
+    """An argparse type: a whole number of at least 1 (every count and size of the benchmark)."""
     try:
         n = int(value)
     except ValueError:
@@ -30,23 +30,23 @@ def main() -> None:
         prog="python -m benchmarks.speed", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--fisher-samples", type=int, default=128)
-    p.add_argument("--fisher-batch", type=int, default=32)
-    p.add_argument("--repeats-fisher", type=int, default=5)
-    p.add_argument("--repeats-train", type=int, default=15)
+    p.add_argument("--tokens", type=positive_int, default=64)
+    p.add_argument("--fisher-samples", type=positive_int, default=128)
+    p.add_argument("--fisher-batch", type=positive_int, default=32)
+    p.add_argument("--repeats-fisher", type=positive_int, default=5)
+    p.add_argument("--repeats-train", type=positive_int, default=15)
     p.add_argument("--steps-per-timing", type=positive_int, default=3, help="training steps per timed call")
     p.add_argument("--memory-repeats", type=positive_int, default=3, help="fresh processes per method for peak memory")
-    p.add_argument("--repeats-strategy", type=int, default=7)
+    p.add_argument("--repeats-strategy", type=positive_int, default=7)
     p.add_argument(
         "--prepare-samples",
         type=lambda v: [int(x) for x in v.split(",")],
         default=[128, 1024],
         help="sample counts of the prepare section, comma-separated",
     )
-    p.add_argument("--repeats-prepare", type=int, default=3)
-    p.add_argument("--ird-samples", type=int, default=128)
-    p.add_argument("--ird-eval-steps", type=int, default=10)
+    p.add_argument("--repeats-prepare", type=positive_int, default=3)
+    p.add_argument("--ird-samples", type=positive_int, default=128)
+    p.add_argument("--ird-eval-steps", type=positive_int, default=10)
     p.add_argument("--skip-loop", action="store_true", help="skip the batch-size-1 Fisher loop")
     p.add_argument("--output", default="benchmarks/results/speed", help="path prefix of the .json/.md/.png results")
     p.add_argument(
